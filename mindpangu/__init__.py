@@ -1,0 +1,14 @@
+"""mindpangu: Pangu Ultra MoE and Pangu Pro MoE on MindSpore."""
+from .config import ConfigError, load_config
+from .models import build_model
+from .params import count_parameters
+
+__version__ = "0.1.0"
+__all__ = ["ConfigError", "build_model", "count_parameters", "from_pretrained", "load_config"]
+
+
+def from_pretrained(path: str, **kwargs):
+    """Build a model from a Hugging Face checkpoint directory (config.json + *.safetensors)."""
+    from .convert.hf import from_pretrained as _from_pretrained
+
+    return _from_pretrained(path, **kwargs)

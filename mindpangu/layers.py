@@ -1,0 +1,120 @@
+"""Building blocks shared by both Pangu models: linear, RMSNorm, RoPE, SwiGLU, causal attention core.
+
+Plain MindSpore ops only, static shapes, so every cell runs in GRAPH and PYNATIVE mode on CPU and Ascend.
+"""
+from __future__ import annotations
+
+import numpy as np
+import mindspore as ms
+from mindspore import Parameter, Tensor, nn, ops
+
+_DTYPES = {"float32": ms.float32, "float16": ms.float16, "bfloat16": ms.bfloat16}
+
+
+def ms_dtype(name: str):
+    return _DTYPES[name]
+
+
+class Linear(nn.Cell):
+    """y = x W^T (+ b), weight stored [out, in] like torch/HF so checkpoints map one to one."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = False, compute_dtype: str = "float32"):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.weight = Parameter(Tensor(np.zeros((out_features, in_features), np.float32)), name="weight")
+        self.bias = Parameter(Tensor(np.zeros((out_features,), np.float32)), name="bias") if bias else None
+        self.dtype = ms_dtype(compute_dtype)
+        self.cast_needed = compute_dtype != "float32"
+
+    def construct(self, x):
+        w = self.weight
+        if self.cast_needed:
+            x, w = x.astype(self.dtype), w.astype(self.dtype)
+        shape = x.shape
+        y = ops.matmul(x.reshape(-1, shape[-1]), w.T)
+        if self.cast_needed:
+            y = y.astype(ms.float32)
+        if self.bias is not None:
+            y = y + self.bias
+        return y.reshape(shape[:-1] + (self.out_features,))
+
+
+class RMSNorm(nn.Cell):
+    """x / sqrt(mean(x^2) + eps) * gamma, computed in float32."""
+
+    def __init__(self, dim: int, eps: float = 1e-5):
+        super().__init__()
+        self.weight = Parameter(Tensor(np.ones((dim,), np.float32)), name="weight")
+        self.eps = eps
+
+    def construct(self, x):
+        x = x.astype(ms.float32)
+        var = ops.mean(x * x, -1, keep_dims=True)
+        return self.weight * (x * ops.rsqrt(var + self.eps))
+
+
+class Embedding(nn.Cell):
+    """Token embedding table [vocab, hidden]."""
+
+    def __init__(self, vocab_size: int, hidden_size: int):
+        super().__init__()
+        self.weight = Parameter(Tensor(np.zeros((vocab_size, hidden_size), np.float32)), name="weight")
+
+    def construct(self, ids):
+        return ops.gather(self.weight, ids, 0)
+
+
+def rope_tables(dim: int, max_len: int, theta: float):
+    """cos/sin tables [max_len, dim/2] (float32), angles computed in float64 for accuracy."""
+    inv_freq = 1.0 / (theta ** (np.arange(0, dim, 2, dtype=np.int64).astype(np.float32) / dim))
+    angles = np.outer(np.arange(max_len, dtype=np.float32), inv_freq.astype(np.float32))
+    return np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)
+
+
+class Rotary(nn.Cell):
+    """Rotary position embedding on the last axis of x [..., S, dim].
+
+    interleave=True rotates pairs (x0, x1), (x2, x3), ... (GPT-J / DeepSeek's layout) and returns the rotated
+    even parts followed by the rotated odd parts; interleave=False rotates halves (Llama's rotate_half).
+    Both place q and k identically, so attention scores are the same as the in-place rotation.
+    """
+
+    def __init__(self, dim: int, max_len: int, theta: float, interleave: bool):
+        super().__init__()
+        cos, sin = rope_tables(dim, max_len, theta)
+        self.cos, self.sin = Tensor(cos), Tensor(sin)
+        self.interleave, self.half = interleave, dim // 2
+
+    def construct(self, x, positions):
+        cos = ops.gather(self.cos, positions, 0)  # [S, dim/2]
+        sin = ops.gather(self.sin, positions, 0)
+        if self.interleave:
+            x1, x2 = x[..., 0::2], x[..., 1::2]
+        else:
+            x1, x2 = x[..., : self.half], x[..., self.half:]
+        return ops.concat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), -1)
+
+
+class SwiGLU(nn.Cell):
+    """down(silu(gate(x)) * up(x)): the dense FFN and the shared expert."""
+
+    def __init__(self, hidden: int, intermediate: int, compute_dtype: str = "float32"):
+        super().__init__()
+        self.gate_proj = Linear(hidden, intermediate, compute_dtype=compute_dtype)
+        self.up_proj = Linear(hidden, intermediate, compute_dtype=compute_dtype)
+        self.down_proj = Linear(intermediate, hidden, compute_dtype=compute_dtype)
+
+    def construct(self, x):
+        return self.down_proj(ops.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+def causal_mask(q_len: int, k_len: int):
+    """Additive mask [q_len, k_len]: 0 where key j <= query i (the queries are the last q_len keys), -1e9 above."""
+    q = ops.arange(k_len - q_len, k_len).reshape(q_len, 1)
+    k = ops.arange(0, k_len).reshape(1, k_len)
+    return ops.cast(k > q, ms.float32) * -1e9
+
+
+def attention_probs(scores, mask):
+    """Softmax over keys of (scores + mask) in float32."""
+    return ops.softmax(scores.astype(ms.float32) + mask, -1)

@@ -1,0 +1,86 @@
+"""Dropless token dispatch with static shapes (the reference path).
+
+A counting sort places each (token, slot) row in its expert's segment; every segment is padded to a multiple of
+``block`` rows, so the permuted buffer has the static size ``(ceil(R / block) + E) * block`` for R = T * K rows,
+whatever the routing. Each block belongs to one expert, and the experts run as one batched matmul over blocks
+with the block's expert weights gathered. No token is dropped and there is no Python loop over tokens.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import mindspore as ms
+from mindspore import Parameter, Tensor, nn, ops
+
+from ..layers import ms_dtype
+
+
+def block_size(rows: int, num_experts: int) -> int:
+    """Rows per block: a power of two near half the mean rows per expert, in [8, 128]."""
+    mean = max(1, rows // max(1, num_experts))
+    return int(min(128, max(8, 2 ** int(math.log2(max(1, mean // 2))))))
+
+
+def permute_plan(indices, num_experts: int, block: int):
+    """Where every routed row goes.
+
+    indices [T, K] int32 -> (slot_of_row [R] int32, row_of_slot [S] int32 with R marking padding,
+    block_expert [S / block] int32, counts [E] int32). Rows keep token order inside each expert (stable).
+    """
+    rows = indices.shape[0] * indices.shape[1]
+    flat = indices.reshape(-1)
+    onehot = ops.one_hot(flat, num_experts, Tensor(1, ms.int32), Tensor(0, ms.int32))  # [R, E]
+    counts = onehot.sum(0)
+    rank = ((ops.cumsum(onehot, 0) - 1) * onehot).sum(1)  # position of each row inside its expert
+    padded = (counts + (block - 1)) // block * block
+    pad_end = ops.cumsum(padded, 0)
+    pad_start = pad_end - padded
+    slot_of_row = ops.gather(pad_start, flat, 0) + rank
+    num_blocks = -(-rows // block) + num_experts
+    slots = num_blocks * block
+    row_ids = ops.arange(0, rows).astype(ms.int32)
+    row_of_slot = ops.scatter_nd(slot_of_row.reshape(rows, 1), row_ids - rows, (slots,)) + rows
+    block_start = (ops.arange(0, num_blocks) * block).astype(ms.int32).reshape(num_blocks, 1)
+    block_expert = (block_start >= pad_end.reshape(1, num_experts)).astype(ms.int32).sum(1)
+    block_expert = ops.minimum(block_expert, num_experts - 1)
+    return slot_of_row, row_of_slot, block_expert, counts
+
+
+class GroupedExperts(nn.Cell):
+    """Routed SwiGLU experts with stacked weights: gate_proj/up_proj [E, I, H], down_proj [E, H, I].
+
+    The stacking is the HF per-expert ``experts.J.{gate,up,down}_proj.weight`` along a new first axis.
+    """
+
+    def __init__(self, num_experts: int, hidden: int, intermediate: int, compute_dtype: str = "float32"):
+        super().__init__()
+        self.num_experts, self.hidden, self.intermediate = num_experts, hidden, intermediate
+        self.gate_proj = Parameter(Tensor(np.zeros((num_experts, intermediate, hidden), np.float32)),
+                                   name="gate_proj")
+        self.up_proj = Parameter(Tensor(np.zeros((num_experts, intermediate, hidden), np.float32)), name="up_proj")
+        self.down_proj = Parameter(Tensor(np.zeros((num_experts, hidden, intermediate), np.float32)),
+                                   name="down_proj")
+        self.bmm_t = ops.BatchMatMul(transpose_b=True)
+        self.cast_needed = compute_dtype != "float32"
+        self.dtype = ms_dtype(compute_dtype)
+
+    def construct(self, x, weights, indices):
+        """x [T, H], weights [T, K] float32, indices [T, K] int32 -> [T, H]."""
+        t, k = indices.shape
+        rows = t * k
+        block = block_size(rows, self.num_experts)
+        slot_of_row, row_of_slot, block_expert, _ = permute_plan(indices, self.num_experts, block)
+        num_blocks = block_expert.shape[0]
+        x_ext = ops.concat((x, ops.zeros((1, self.hidden), x.dtype)), 0)
+        token_of_slot = row_of_slot // k  # padding rows (== rows) map to the zero row t
+        xs = ops.gather(x_ext, token_of_slot, 0).reshape(num_blocks, block, self.hidden)
+        wg = ops.gather(self.gate_proj, block_expert, 0)
+        wu = ops.gather(self.up_proj, block_expert, 0)
+        wd = ops.gather(self.down_proj, block_expert, 0)
+        if self.cast_needed:
+            xs, wg, wu, wd = xs.astype(self.dtype), wg.astype(self.dtype), wu.astype(self.dtype), wd.astype(self.dtype)
+        h = ops.silu(self.bmm_t(xs, wg)) * self.bmm_t(xs, wu)
+        ys = self.bmm_t(h, wd).astype(ms.float32).reshape(num_blocks * block, self.hidden)
+        y_rows = ops.gather(ys, slot_of_row, 0).reshape(t, k, self.hidden)
+        return (y_rows * weights.reshape(t, k, 1)).sum(1)

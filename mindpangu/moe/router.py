@@ -1,0 +1,77 @@
+"""Routers: top-k over all experts (Pangu Ultra MoE) and Mixture of Grouped Experts (Pangu Pro MoE).
+
+Both compute scores in float32 and return what the balance losses and metrics need:
+``weights [T, K]``, ``indices [T, K]`` (int32), ``scores [T, E]`` (sigmoid or global softmax, before top-k),
+``logits [T, E]`` (for the z-loss) and ``counts [E]`` (tokens per expert).
+"""
+from __future__ import annotations
+
+import numpy as np
+import mindspore as ms
+from mindspore import Parameter, Tensor, nn, ops
+
+from ..config.schema import MoEConfig
+
+
+def expert_counts(indices, num_experts: int):
+    """Tokens routed to each expert: [T, K] int -> [E] int32."""
+    onehot = ops.one_hot(indices.reshape(-1), num_experts, Tensor(1, ms.int32), Tensor(0, ms.int32))
+    return onehot.sum(0)
+
+
+class Router(nn.Cell):
+    """Gate ``weight [E, hidden]`` (HF name ``mlp.gate.weight``) plus the routing rule of ``cfg.router``.
+
+    topk: scores = sigmoid|softmax(logits); top-K over scores (+ expert bias for selection only); weights are
+    the chosen scores, optionally renormalised to sum 1, times routed_scaling_factor.
+    moge: scores = softmax over all E experts; view [T, M, E/M]; top-K/M per group; weights = chosen scores
+    times the learned router_scale[expert]; no renormalisation.
+    """
+
+    def __init__(self, hidden: int, cfg: MoEConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.num_experts, self.top_k = cfg.num_experts, cfg.num_experts_per_tok
+        self.weight = Parameter(Tensor(np.zeros((cfg.num_experts, hidden), np.float32)), name="weight")
+        self.use_bias = cfg.balance_loss.expert_bias.enabled
+        if self.use_bias:
+            self.e_score_correction_bias = Parameter(Tensor(np.zeros((cfg.num_experts,), np.float32)),
+                                                     name="e_score_correction_bias", requires_grad=False)
+        self.use_router_scale = cfg.router_scale
+        if self.use_router_scale:
+            self.router_scale = Parameter(Tensor(np.ones((1, cfg.num_experts), np.float32)), name="router_scale")
+        self.moge = cfg.router == "moge"
+        self.groups = cfg.num_groups
+        self.per_group = cfg.num_experts // cfg.num_groups
+        self.k_per_group = cfg.num_experts_per_tok // cfg.num_groups
+        self.softmax_scores = cfg.score_function == "softmax"
+        self.normalise = cfg.norm_topk_prob
+        self.scaling = cfg.routed_scaling_factor
+        if self.moge:
+            offsets = np.arange(cfg.num_groups, dtype=np.int32).reshape(1, -1, 1) * self.per_group
+            self.group_offsets = Tensor(offsets)
+
+    def construct(self, x):
+        logits = ops.matmul(x.astype(ms.float32), self.weight.astype(ms.float32).T)  # [T, E]
+        scores = ops.softmax(logits, -1) if self.softmax_scores else ops.sigmoid(logits)
+        choice = scores
+        if self.use_bias:
+            choice = scores + self.e_score_correction_bias
+        choice = ops.stop_gradient(choice)
+        if self.moge:
+            t = x.shape[0]
+            grouped = choice.reshape(t, self.groups, self.per_group)
+            _, local = ops.topk(grouped, self.k_per_group, -1)
+            indices = (local + self.group_offsets).reshape(t, self.top_k)
+        else:
+            _, indices = ops.topk(choice, self.top_k, -1)
+        indices = indices.astype(ms.int32)
+        weights = ops.gather_elements(scores, 1, indices)
+        if self.normalise:
+            weights = weights / (weights.sum(-1, keepdims=True) + 1e-20)
+        if self.use_router_scale:
+            weights = weights * ops.gather(self.router_scale.reshape(-1), indices, 0)
+        if self.scaling != 1.0:
+            weights = weights * self.scaling
+        counts = expert_counts(indices, self.num_experts)
+        return weights, indices, scores, logits, counts

@@ -1,0 +1,34 @@
+"""mindpangu: a MindSpore-native reference implementation of Pangu Ultra MoE and Pangu Pro MoE."""
+from setuptools import find_packages, setup
+
+setup(
+    name="mindpangu",
+    version="0.1.0",
+    description="Pangu Ultra MoE and Pangu Pro MoE on MindSpore: YAML training, MindIR export, ablations",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    packages=find_packages(include=["mindpangu", "mindpangu.*"]),
+    package_data={"mindpangu": ["py.typed"]},
+    python_requires=">=3.9",
+    install_requires=[
+        # 2.10.0 is the tested default; 2.9.x is admitted so the mindformers extra can install.
+        "mindspore>=2.9.0,<2.11",
+        # MindSpore's PyNative autodiff breaks under NumPy 2.
+        "numpy>=1.24,<2",
+        "pyyaml>=6.0",
+        "safetensors>=0.4",
+        "tokenizers>=0.15",
+        "tqdm>=4.60",
+    ],
+    extras_require={
+        # Peer references for parity tests (torch CPU + Hugging Face transformers).
+        "test": ["pytest>=7", "torch>=2.2", "transformers>=4.48"],
+    },
+    entry_points={
+        "console_scripts": [
+            "mindpangu-params=mindpangu.cli:param_count_main",
+            "mindpangu-convert=mindpangu.cli:convert_main",
+            "mindpangu-bench=mindpangu.cli:bench_main",
+        ],
+    },
+)
