@@ -96,18 +96,25 @@ def read_safetensors(path: str) -> Dict[str, np.ndarray]:
 
 def hf_to_internal(tensors: Dict[str, np.ndarray], cfg: ModelConfig) -> Dict[str, np.ndarray]:
     """Rename HF keys to mindpangu parameter names and stack per-expert weights."""
-    out: Dict[str, np.ndarray] = {}
+    stacked: Dict[str, np.ndarray] = {}
     experts: Dict[Tuple[str, str], Dict[int, np.ndarray]] = {}
     for key, value in tensors.items():
         m = _EXPERT.match(key)
         if m:
             experts.setdefault((m.group(1), m.group(3)), {})[int(m.group(2))] = value
-            continue
-        if key.endswith("mlp.experts.gate_up_proj"):  # transformers' fused in-memory layout
-            gate, up = np.split(value, 2, axis=1)
+        elif key.endswith("mlp.experts.gate_up_proj"):  # transformers' fused in-memory layout
             prefix = key[: -len("gate_up_proj")]
-            out[prefix + "gate_proj"], out[prefix + "up_proj"] = gate, up
-            continue
+            stacked[prefix + "gate_proj"], stacked[prefix + "up_proj"] = np.split(value, 2, axis=1)
+        else:
+            stacked[key] = value
+    for (prefix, proj), per_expert in experts.items():
+        n = cfg.moe.num_experts
+        missing = sorted(set(range(n)) - set(per_expert))
+        if missing:
+            raise ValueError(f"checkpoint lacks experts {missing[:8]} of '{prefix}.*.{proj}' (expected {n})")
+        stacked[f"{prefix}.{proj}"] = np.stack([per_expert[j] for j in range(n)])
+    out: Dict[str, np.ndarray] = {}
+    for key, value in stacked.items():
         m = _LAYER.match(key)
         if m and int(m.group(1)) >= cfg.num_layers:
             j, rest = int(m.group(1)) - cfg.num_layers, m.group(2)
@@ -115,12 +122,6 @@ def hf_to_internal(tensors: Dict[str, np.ndarray], cfg: ModelConfig) -> Dict[str
                 continue  # MTP shares the main embedding and head
             key = f"model.mtp_layers.{j}.{rest}"
         out[key] = value
-    for (prefix, proj), per_expert in experts.items():
-        n = cfg.moe.num_experts
-        missing = sorted(set(range(n)) - set(per_expert))
-        if missing:
-            raise ValueError(f"checkpoint lacks experts {missing[:8]} of '{prefix}.*.{proj}' (expected {n})")
-        out[f"{prefix}.{proj}"] = np.stack([per_expert[j] for j in range(n)])
     return out
 
 
