@@ -93,6 +93,14 @@ def count_parameters(cfg: ModelConfig) -> Dict[str, object]:
     return {"total": total, "active": active, "all": everything, "convention": convention, "components": comps}
 
 
+def human(n: int) -> str:
+    """1.5e9 -> '1.50B', 2.3e6 -> '2.30M'."""
+    for unit, scale in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.2f}{unit}"
+    return str(n)
+
+
 def format_table(counts: Dict[str, object]) -> str:
     """A human-readable per-component table."""
     rows = [f"{'component':<58}{'parameters':>18}{'active':>18}"]
@@ -101,6 +109,6 @@ def format_table(counts: Dict[str, object]) -> str:
     rows.append("-" * 94)
     rows.append(f"{'all stored parameters':<58}{counts['all']:>18,}")
     rows.append(f"{'headline total / active':<58}{counts['total']:>18,}{counts['active']:>18,}")
-    rows.append(f"  = {counts['total'] / 1e9:.2f}B total, {counts['active'] / 1e9:.2f}B active; convention: "
+    rows.append(f"  = {human(counts['total'])} total, {human(counts['active'])} active; convention: "
                 f"{counts['convention']}")
     return "\n".join(rows)

@@ -32,9 +32,15 @@ class ConfigError(ValueError):
 
 
 def option(default: Any = _MISSING, doc: str = "", *, choices: Optional[Tuple] = None, ge: Any = None,
-           gt: Any = None, le: Any = None, aliases: Tuple[str, ...] = ()) -> Any:
-    """Declare a config field: its default, what it means, and the values allowed."""
-    meta = {"doc": doc, "choices": choices, "ge": ge, "gt": gt, "le": le, "aliases": tuple(aliases)}
+           gt: Any = None, le: Any = None, aliases: Tuple[str, ...] = (),
+           value_aliases: Optional[Dict[Any, Any]] = None) -> Any:
+    """Declare a config field: its default, what it means, and the values allowed.
+
+    ``aliases`` are other spellings of the key; ``value_aliases`` map other spellings of a value to the canonical
+    one (e.g. a mindformers class name to an architecture name).
+    """
+    meta = {"doc": doc, "choices": choices, "ge": ge, "gt": gt, "le": le, "aliases": tuple(aliases),
+            "value_aliases": value_aliases or {}}
     if dataclasses.is_dataclass(default) or isinstance(default, (list, dict)):
         factory = (lambda d=default: dataclasses.replace(d)) if dataclasses.is_dataclass(default) \
             else (lambda d=default: type(d)(d))
@@ -205,6 +211,8 @@ def build_section(cls: type, data: Any, path: str, origins: Dict[str, str], *, s
             continue
         raw, kpath, kwhere = values[name]
         val = _coerce(tp, raw, kpath, kwhere)
+        if isinstance(val, str):
+            val = f.metadata.get("value_aliases", {}).get(val, val)
         _check_bounds(f, val, kpath, kwhere)
         built[name] = val
     obj = cls(**built)

@@ -107,7 +107,7 @@ class MoEConfig(Section):
 class ModelConfig(Section):
     type: str = option("pangu_ultra_moe", "Architecture: pangu_ultra_moe (MLA, sandwich norm, top-k MoE, MTP) or "
                                           "pangu_pro_moe (GQA with biases, MoGE).",
-                       choices=MODEL_TYPES, aliases=("model_type",))
+                       choices=MODEL_TYPES, aliases=("model_type",), value_aliases=MODEL_TYPE_ALIASES)
     vocab_size: int = option(153376, "Vocabulary size (checkpoints may pad to a multiple of 128).", ge=1)
     hidden_size: int = option(256, "Model width d.", ge=1, aliases=("n_embd", "d_model"))
     num_layers: int = option(4, "Decoder layers L (MTP layers not included).", ge=1,
@@ -178,7 +178,6 @@ class ModelConfig(Section):
     }
 
     def validate(self, path, origins):
-        self.type = MODEL_TYPE_ALIASES.get(self.type, self.type)
         kv = self.num_key_value_heads or self.num_attention_heads
         if self.num_attention_heads % kv:
             _fail(path, "num_key_value_heads", f"must divide num_attention_heads ({self.num_attention_heads})",

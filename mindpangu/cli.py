@@ -1,0 +1,95 @@
+"""Command-line entry points (console scripts and tools/*.py): argument parsing and a call into the library.
+
+Bad input (config errors, missing files, mismatched weights) is printed as one line on stderr with exit code 2,
+never as a traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import functools
+import sys
+
+from .config import ConfigError
+
+
+def _friendly(fn):
+    @functools.wraps(fn)
+    def wrapper(argv=None):
+        try:
+            return fn(argv)
+        except (ConfigError, FileNotFoundError, ValueError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            sys.exit(2)
+    return wrapper
+
+
+def _config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", required=True, help="YAML recipe, e.g. yaml_configs/pangu_ultra_moe/tiny.yaml")
+    p.add_argument("overrides", nargs="*", help="key.path=value overrides, e.g. model.num_layers=2")
+
+
+@_friendly
+def param_count_main(argv=None):
+    """Print the per-component parameter table of a recipe (analytic; nothing is allocated)."""
+    p = argparse.ArgumentParser(prog="mindpangu-params", description=param_count_main.__doc__)
+    _config_args(p)
+    p.add_argument("--forward", action="store_true", help="also build the model and run one forward pass")
+    args = p.parse_args(argv)
+    from .config import load_config
+    from .params import count_parameters, format_table
+
+    cfg = load_config(args.config, args.overrides)
+    print(f"{cfg.model.type}  ({args.config})")
+    print(format_table(count_parameters(cfg.model)))
+    if args.forward:
+        from .bench import forward_once
+
+        forward_once(cfg)
+
+
+@_friendly
+def convert_main(argv=None):
+    """Convert between a Hugging Face checkpoint directory and a MindSpore checkpoint."""
+    p = argparse.ArgumentParser(prog="mindpangu-convert", description=convert_main.__doc__)
+    sub = p.add_subparsers(dest="direction", required=True)
+    a = sub.add_parser("hf-to-ms", help="HF directory (config.json + *.safetensors) -> .ckpt (+ .yaml beside it)")
+    a.add_argument("--hf", required=True)
+    a.add_argument("--out", required=True)
+    b = sub.add_parser("ms-to-hf", help=".ckpt (+ its .yaml) -> HF directory")
+    b.add_argument("--ckpt", required=True)
+    b.add_argument("--config", default="", help="model YAML; default: the .yaml beside the checkpoint")
+    b.add_argument("--out", required=True)
+    args = p.parse_args(argv)
+    from .convert.checkpoint import load_ms_checkpoint, save_ms_checkpoint
+    from .convert.hf import assign, load_hf_directory, save_hf_directory
+    from .models import build_model
+
+    if args.direction == "hf-to-ms":
+        cfg, params = load_hf_directory(args.hf)
+        source = args.hf
+    else:
+        cfg, params = load_ms_checkpoint(args.ckpt, args.config)
+        source = args.ckpt
+    model = build_model(cfg, init=False)
+    assign(model, params, source)
+    if args.direction == "hf-to-ms":
+        save_ms_checkpoint(model, cfg, args.out)
+    else:
+        save_hf_directory(model, cfg, args.out)
+    print(f"wrote {args.out} ({sum(v.size for v in params.values()):,} parameters)")
+
+
+@_friendly
+def bench_main(argv=None):
+    """Benchmarks: ``forward`` (tokens/s in GRAPH and PYNATIVE mode)."""
+    p = argparse.ArgumentParser(prog="mindpangu-bench", description=bench_main.__doc__)
+    p.add_argument("what", choices=["forward"])
+    _config_args(p)
+    p.add_argument("--batch", type=int, default=None, help="default: runner_config.batch_size")
+    p.add_argument("--seq", type=int, default=None, help="default: train_dataset.seq_length")
+    p.add_argument("--repeats", type=int, default=10)
+    args = p.parse_args(argv)
+    from .bench import bench_forward
+    from .config import load_config
+
+    bench_forward(load_config(args.config, args.overrides), args.batch, args.seq, args.repeats)
