@@ -19,6 +19,7 @@ setup(
         "safetensors>=0.4",
         "tokenizers>=0.15",
         "tqdm>=4.60",
+        "matplotlib>=3.5",
     ],
     extras_require={
         # Peer references for parity tests (torch CPU + Hugging Face transformers).
@@ -29,6 +30,7 @@ setup(
             "mindpangu-params=mindpangu.cli:param_count_main",
             "mindpangu-convert=mindpangu.cli:convert_main",
             "mindpangu-bench=mindpangu.cli:bench_main",
+            "mindpangu-imbalance-mc=mindpangu.cli:imbalance_mc_main",
         ],
     },
 )

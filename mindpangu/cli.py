@@ -80,6 +80,28 @@ def convert_main(argv=None):
 
 
 @_friendly
+def imbalance_mc_main(argv=None):
+    """Monte Carlo of the device imbalance score: uniformly random top-K routing vs MoGE (Pro MoE Fig. 2b)."""
+    p = argparse.ArgumentParser(prog="mindpangu-imbalance-mc", description=imbalance_mc_main.__doc__)
+    p.add_argument("--trials", type=int, default=100000)
+    p.add_argument("--tokens", type=int, default=16, help="|X|, tokens per batch")
+    p.add_argument("--experts", type=int, default=64, help="N")
+    p.add_argument("--k", type=int, default=8, help="K, experts per token")
+    p.add_argument("--groups", type=int, default=8, help="M, devices (= MoGE groups)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--png", default="imbalance_mc.png", help="histogram output ('' to skip)")
+    args = p.parse_args(argv)
+    from .imbalance_mc import run
+
+    summary = run(args.trials, args.tokens, args.experts, args.k, args.groups, args.seed, args.png)
+    for name, s in summary.items():
+        print(f"{name:<6} mean IS {s['mean']:.4f}  median {s['median']:.4f}  P(IS>0) {s['p_positive']:.4f}  "
+              f"max {s['max']:.4f}")
+    if args.png:
+        print(f"histogram: {args.png}")
+
+
+@_friendly
 def bench_main(argv=None):
     """Benchmarks: ``forward`` (tokens/s in GRAPH and PYNATIVE mode)."""
     p = argparse.ArgumentParser(prog="mindpangu-bench", description=bench_main.__doc__)

@@ -33,14 +33,13 @@ def _attention(cfg: ModelConfig) -> int:
 
 
 def _norms_per_layer(cfg: ModelConfig) -> int:
-    sandwich = cfg.type == "pangu_ultra_moe" and cfg.norm_layout in ("sandwich", "dssn")
-    return (4 if sandwich else 2) * cfg.hidden_size
+    return (4 if cfg.norm_layout in ("sandwich", "dssn") else 2) * cfg.hidden_size
 
 
 def _moe_parts(cfg: ModelConfig) -> Tuple[int, int, int, int]:
     """(router incl. router_scale / expert bias, one routed expert, shared experts, routed experts total)."""
     m, h = cfg.moe, cfg.hidden_size
-    router = m.num_experts * h + m.router_scale * m.num_experts + m.balance_loss.expert_bias.enabled * m.num_experts
+    router = m.num_experts * h + (m.router_scale + m.balance_loss.expert_bias.enabled) * m.num_experts
     expert = 3 * h * m.intermediate_size
     shared_i = m.shared_expert_intermediate_size or m.num_shared_experts * m.intermediate_size
     shared = 3 * h * shared_i if m.num_shared_experts else 0
@@ -54,7 +53,7 @@ def count_parameters(cfg: ModelConfig) -> Dict[str, object]:
     norms = _norms_per_layer(cfg)
     router, expert, shared, routed = _moe_parts(cfg)
     k = cfg.moe.num_experts_per_tok
-    dense_layers = cfg.first_k_dense_replace if cfg.type == "pangu_ultra_moe" else 0
+    dense_layers = cfg.first_k_dense_replace
     moe_layers = cfg.num_layers - dense_layers
     dense_ffn = 3 * h * cfg.intermediate_size
     moe_layer = attn + norms + router + routed + shared
@@ -75,15 +74,14 @@ def count_parameters(cfg: ModelConfig) -> Dict[str, object]:
     ]
     head = 0 if cfg.tie_word_embeddings else v * h
     comps.append(("output head" + (" (tied)" if cfg.tie_word_embeddings else ""), head, head))
-    mtp = 0
-    if cfg.type == "pangu_ultra_moe" and cfg.num_mtp_layers:
+    mtp = mtp_active = 0
+    if cfg.num_mtp_layers:
         mtp = cfg.num_mtp_layers * (2 * h + 2 * h * h + h + moe_layer)
         mtp_active = cfg.num_mtp_layers * (2 * h + 2 * h * h + h + moe_layer_active)
         comps.append((f"MTP x{cfg.num_mtp_layers}", mtp, mtp_active))
     everything = sum(c[1] for c in comps)
     everything_active = sum(c[2] for c in comps)
     if cfg.type == "pangu_ultra_moe":
-        mtp_active = comps[-1][2] if mtp else 0
         total = everything - v * h - mtp
         active = everything_active - v * h - mtp_active
         convention = "one embedding table (output head) counted, MTP excluded (Pangu Ultra MoE's 718B/39B)"

@@ -96,7 +96,7 @@ def test_mindformers_model_config_form(tmp_path):
 
 
 def test_recipes_load():
-    for sub in ("pangu_ultra_moe",):
+    for sub in ("pangu_ultra_moe", "pangu_pro_moe"):
         for name in os.listdir(os.path.join(ROOT, "yaml_configs", sub)):
             mp.load_config(os.path.join(ROOT, "yaml_configs", sub, name))
 

@@ -2,6 +2,8 @@
 
 Layouts read and written:
 - DeepSeek-V3 (transformers' ``DeepseekV3ForCausalLM``): pre-norm, ``model_type: deepseek_v3``.
+- Pangu Pro MoE (``model_type: PanGuMoE``): GQA q/k/v/o with biases, ``mlp.gate``, ``mlp.router_scale``,
+  ``mlp.experts.J``, ``mlp.shared_expert``; MoGE with one expert per group (groups = num_experts_per_tok).
 - openPangu Ultra MoE: DeepSeek-V3 names with renamed config keys (``num_routed_experts``, ``num_dense_layers``,
   ``attention_q_lora_dim`` ...) and four sandwich norms (``sandwich_norm: true``); there
   ``post_attention_layernorm`` normalises the attention OUTPUT and ``pre_mlp_layernorm`` is the pre-MLP norm.
@@ -30,10 +32,13 @@ log = logging.getLogger(__name__)
 _IGNORED_KEYS = {
     "architectures", "attention_dropout", "bos_token_id", "eos_token_id", "pad_token_id", "dtype", "torch_dtype",
     "initializer_range", "output_router_logits", "pretraining_tp", "transformers_version", "use_cache",
-    "qk_head_dim", "auto_map", "_name_or_path", "num_key_value_heads", "head_dim", "rope_scaling",
-    "rope_parameters", "rope_theta", "sandwich_norm", "ep_size", "moe_layer_freq", "topk_method",
-    "aux_loss_alpha", "seq_aux", "router_enable_expert_bias", "quantization_config",
+    "auto_map", "_name_or_path", "rope_scaling", "rope_parameters", "rope_theta", "sandwich_norm", "ep_size",
+    "moe_layer_freq", "topk_method", "aux_loss_alpha", "seq_aux", "router_enable_expert_bias",
+    "quantization_config", "model_type", "hidden_act", "rope_interleave", "num_nextn_predict_layers",
+    "num_mtp_layers", "scoring_func", "sliding_window", "use_sliding_window", "max_window_layers",
 }
+# MLA configs carry GQA-style fields that are nominal (num_key_value_heads = heads) or derived.
+_IGNORED_MLA_KEYS = {"qk_head_dim", "num_key_value_heads", "head_dim"}
 _EXPERT = re.compile(r"^(model\.layers\.\d+\.mlp\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
 _LAYER = re.compile(r"^model\.layers\.(\d+)\.(.*)$")
 
@@ -50,9 +55,18 @@ def config_from_hf(hf: Dict[str, Any], overrides: Optional[Dict[str, Any]] = Non
                           value=rope or scaling, where="config.json")
     if "rope_theta" in rope or "rope_theta" in hf:
         out["rope_theta"] = rope.get("rope_theta", hf.get("rope_theta"))
+    ignored_keys = set(_IGNORED_KEYS)
     if model_type in ("PanGuMoE", "pangu_pro_moe"):
-        out["type"] = "pangu_pro_moe"
+        # MoGE with one expert per group: the groups are the K chosen experts' devices.
+        k = hf.get("num_experts_per_tok", 8)
+        shared_i, expert_i = hf.get("shared_expert_intermediate_size"), hf.get("moe_intermediate_size")
+        out.update(type="pangu_pro_moe", norm_layout="pre_ln", first_k_dense_replace=0, num_mtp_layers=0,
+                   attention_bias=True, rope_interleave=hf.get("rope_interleave", False),
+                   moe={"router": "moge", "num_groups": k, "score_function": "softmax", "norm_topk_prob": False,
+                        "routed_scaling_factor": 1.0, "router_scale": True,
+                        "num_shared_experts": shared_i // expert_i if shared_i and expert_i else 1})
     else:
+        ignored_keys |= _IGNORED_MLA_KEYS
         out["type"] = "pangu_ultra_moe"
         out["norm_layout"] = "sandwich" if hf.get("sandwich_norm") else "pre_ln"
         # transformers' DeepSeek-V3 defaults to the interleaved layout; the openPangu HF port uses rotate_half.
@@ -65,10 +79,8 @@ def config_from_hf(hf: Dict[str, Any], overrides: Optional[Dict[str, Any]] = Non
         raise ConfigError("hidden_act", "only SwiGLU (silu) is supported", value=hf["hidden_act"],
                           where="config.json")
     for key, value in hf.items():
-        if key in _IGNORED_KEYS or key in ("model_type", "hidden_act", "rope_interleave", "num_nextn_predict_layers",
-                                           "num_mtp_layers", "scoring_func"):
-            continue
-        out[key] = value
+        if key not in ignored_keys:
+            out[key] = value
     out.update(overrides or {})
     ignored: List[str] = []
     cfg = model_config_from_dict(out, strict=False, ignored=ignored)
@@ -138,7 +150,7 @@ def internal_to_hf(params: Dict[str, np.ndarray], cfg: ModelConfig) -> Dict[str,
                 out[f"{key.rsplit('.', 1)[0]}.{j}.{key.rsplit('.', 1)[1]}.weight"] = np.ascontiguousarray(value[j])
             continue
         out[key] = np.ascontiguousarray(value)
-    if cfg.type == "pangu_ultra_moe":
+    if cfg.num_mtp_layers:
         for j in range(cfg.num_mtp_layers):  # HF MTP layers carry their own copies of the shared tables
             layer = cfg.num_layers + j
             out[f"model.layers.{layer}.embed_tokens.weight"] = out["model.embed_tokens.weight"]
@@ -183,7 +195,25 @@ def config_to_hf(cfg: ModelConfig) -> Dict[str, Any]:
             "max_position_embeddings": cfg.max_position_embeddings, "tie_word_embeddings": cfg.tie_word_embeddings,
             "sandwich_norm": True, "hidden_act": "silu", "torch_dtype": "float32",
         }
-    raise ValueError(f"no Hugging Face layout for model.type '{cfg.type}'")
+    if cfg.type == "pangu_pro_moe" and cfg.norm_layout == "pre_ln" and m.router == "moge" \
+            and m.num_groups == m.num_experts_per_tok and not cfg.num_mtp_layers:
+        return {
+            "architectures": ["PanguProMoEForCausalLM"], "model_type": "PanGuMoE",
+            "vocab_size": cfg.vocab_size, "hidden_size": cfg.hidden_size, "num_hidden_layers": cfg.num_layers,
+            "num_attention_heads": cfg.num_attention_heads,
+            "num_key_value_heads": cfg.num_key_value_heads or cfg.num_attention_heads,
+            "head_dim": cfg.head_dim or cfg.hidden_size // cfg.num_attention_heads,
+            "moe_intermediate_size": m.intermediate_size,
+            "shared_expert_intermediate_size": m.shared_expert_intermediate_size
+            or m.num_shared_experts * m.intermediate_size,
+            "num_experts": m.num_experts, "num_experts_per_tok": m.num_experts_per_tok,
+            "router_aux_loss_coef": m.balance_loss.coeff, "rms_norm_eps": cfg.rms_norm_eps,
+            "rope_theta": cfg.rope_theta, "rope_interleave": cfg.rope_interleave,
+            "max_position_embeddings": cfg.max_position_embeddings, "tie_word_embeddings": cfg.tie_word_embeddings,
+            "hidden_act": "silu", "torch_dtype": "float32",
+        }
+    raise ValueError(f"no Hugging Face layout for this {cfg.type} config (the Pro MoE layout needs pre_ln, MoGE "
+                     "with one expert per group and no MTP)")
 
 
 def _mtp_present(tensors: Dict[str, np.ndarray], num_layers: int) -> int:
@@ -203,7 +233,7 @@ def load_hf_directory(path: str, overrides: Optional[Dict[str, Any]] = None):
             raise ValueError(f"'{cfg_path}' is not valid JSON: {e}") from None
     tensors = read_safetensors(path)
     cfg = config_from_hf(hf, overrides)
-    if cfg.type == "pangu_ultra_moe":
+    if cfg.num_mtp_layers:
         present = _mtp_present(tensors, cfg.num_layers)
         if present < cfg.num_mtp_layers:
             log.warning("config.json declares %d MTP layer(s) but the checkpoint holds %d; loading without the "

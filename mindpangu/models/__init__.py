@@ -3,9 +3,10 @@ from __future__ import annotations
 
 from ..config.schema import ModelConfig
 from .init import init_rule, initialise
+from .pangu_pro_moe import PanguProMoEForCausalLM
 from .pangu_ultra_moe import PanguUltraMoEForCausalLM
 
-MODEL_CLASSES = {"pangu_ultra_moe": PanguUltraMoEForCausalLM}
+MODEL_CLASSES = {"pangu_ultra_moe": PanguUltraMoEForCausalLM, "pangu_pro_moe": PanguProMoEForCausalLM}
 
 
 def build_model(cfg: ModelConfig, seed: int = 0, init: bool = True):
@@ -18,4 +19,5 @@ def build_model(cfg: ModelConfig, seed: int = 0, init: bool = True):
     return model
 
 
-__all__ = ["MODEL_CLASSES", "build_model", "init_rule", "initialise", "PanguUltraMoEForCausalLM"]
+__all__ = ["MODEL_CLASSES", "build_model", "init_rule", "initialise", "PanguProMoEForCausalLM",
+           "PanguUltraMoEForCausalLM"]

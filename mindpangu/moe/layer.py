@@ -1,7 +1,8 @@
 """The MoE feed-forward block: router -> dropless routed experts -> + shared expert."""
 from __future__ import annotations
 
-from mindspore import nn
+import numpy as np
+from mindspore import Parameter, Tensor, nn, ops
 
 from ..config.schema import MoEConfig
 from ..layers import SwiGLU
@@ -10,7 +11,8 @@ from .router import Router
 
 
 class MoELayer(nn.Cell):
-    """out = sum_k w_k * expert_k(x) + shared(x). Parameter names follow HF: gate, experts, shared_experts.
+    """out = sum_k w_k * expert_k(x) + shared(x). Parameter names follow HF: gate, experts, shared_experts,
+    and Pro MoE's ``router_scale [1, E]`` (initialised to 1), which multiplies the chosen weights.
 
     ``shared_name`` is the attribute holding the shared expert: ``shared_experts`` (DeepSeek / openPangu Ultra
     MoE) or ``shared_expert`` (Pangu Pro MoE).
@@ -21,6 +23,9 @@ class MoELayer(nn.Cell):
         super().__init__()
         self.hidden = hidden
         self.gate = Router(hidden, cfg)
+        self.use_router_scale = cfg.router_scale
+        if self.use_router_scale:
+            self.router_scale = Parameter(Tensor(np.ones((1, cfg.num_experts), np.float32)), name="router_scale")
         self.experts = GroupedExperts(cfg.num_experts, hidden, cfg.intermediate_size, compute_dtype)
         shared = cfg.shared_expert_intermediate_size or cfg.num_shared_experts * cfg.intermediate_size
         self.has_shared = cfg.num_shared_experts > 0
@@ -33,6 +38,8 @@ class MoELayer(nn.Cell):
         b, s, h = x.shape
         flat = x.reshape(b * s, h)
         weights, indices, scores, logits, counts = self.gate(flat)
+        if self.use_router_scale:
+            weights = weights * ops.gather(self.router_scale.reshape(-1), indices, 0)
         y = self.experts(flat, weights, indices)
         if self.has_shared:
             y = y + getattr(self, self.shared_name)(flat)

@@ -24,8 +24,8 @@ class Router(nn.Cell):
 
     topk: scores = sigmoid|softmax(logits); top-K over scores (+ expert bias for selection only); weights are
     the chosen scores, optionally renormalised to sum 1, times routed_scaling_factor.
-    moge: scores = softmax over all E experts; view [T, M, E/M]; top-K/M per group; weights = chosen scores
-    times the learned router_scale[expert]; no renormalisation.
+    moge: scores = softmax over all E experts; view [T, M, E/M]; top-K/M per group; weights = chosen scores,
+    no renormalisation (the MoE layer then multiplies Pro MoE's learned router_scale[expert]).
     """
 
     def __init__(self, hidden: int, cfg: MoEConfig):
@@ -37,9 +37,6 @@ class Router(nn.Cell):
         if self.use_bias:
             self.e_score_correction_bias = Parameter(Tensor(np.zeros((cfg.num_experts,), np.float32)),
                                                      name="e_score_correction_bias", requires_grad=False)
-        self.use_router_scale = cfg.router_scale
-        if self.use_router_scale:
-            self.router_scale = Parameter(Tensor(np.ones((1, cfg.num_experts), np.float32)), name="router_scale")
         self.moge = cfg.router == "moge"
         self.groups = cfg.num_groups
         self.per_group = cfg.num_experts // cfg.num_groups
@@ -69,8 +66,6 @@ class Router(nn.Cell):
         weights = ops.gather_elements(scores, 1, indices)
         if self.normalise:
             weights = weights / (weights.sum(-1, keepdims=True) + 1e-20)
-        if self.use_router_scale:
-            weights = weights * ops.gather(self.router_scale.reshape(-1), indices, 0)
         if self.scaling != 1.0:
             weights = weights * self.scaling
         counts = expert_counts(indices, self.num_experts)

@@ -1,0 +1,153 @@
+"""The decoder skeleton both Pangu models share: norm layouts, dense or MoE feed-forward, MTP, the causal LM.
+
+A model supplies its attention cell (MLA for Ultra MoE, GQA for Pro MoE); everything else is here.
+"""
+from __future__ import annotations
+
+from mindspore import nn, ops
+
+from ..config.schema import ModelConfig
+from ..layers import Embedding, Linear, RMSNorm, SwiGLU
+from ..moe import MoELayer
+
+class DecoderLayer(nn.Cell):
+    """One block. pre_ln: h += Attn(in_norm(h)); h += MLP(post_attention_layernorm(h)) (Llama/DeepSeek names).
+    sandwich / dssn: h += post_attention_layernorm(Attn(input_layernorm(h)));
+                     h += post_mlp_layernorm(MLP(pre_mlp_layernorm(h))) (openPangu names)."""
+
+    def __init__(self, cfg: ModelConfig, layer_index: int, attention: type, shared_name: str):
+        super().__init__()
+        h, eps = cfg.hidden_size, cfg.rms_norm_eps
+        self.sandwich = cfg.norm_layout in ("sandwich", "dssn")
+        self.self_attn = attention(cfg)
+        self.input_layernorm = RMSNorm(h, eps)
+        self.post_attention_layernorm = RMSNorm(h, eps)
+        if self.sandwich:
+            self.pre_mlp_layernorm = RMSNorm(h, eps)
+            self.post_mlp_layernorm = RMSNorm(h, eps)
+        self.is_moe = layer_index >= cfg.first_k_dense_replace
+        if self.is_moe:
+            self.mlp = MoELayer(h, cfg.moe, cfg.compute_dtype, shared_name)
+        else:
+            self.mlp = SwiGLU(h, cfg.intermediate_size, cfg.compute_dtype)
+
+    def block(self, h):
+        """h [B, S, H] -> (h, router outputs or None)."""
+        if self.sandwich:
+            h = h + self.post_attention_layernorm(self.self_attn(self.input_layernorm(h)))
+            x = self.pre_mlp_layernorm(h)
+        else:
+            h = h + self.self_attn(self.input_layernorm(h))
+            x = self.post_attention_layernorm(h)
+        route = None
+        if self.is_moe:
+            y, route = self.mlp(x)
+        else:
+            y = self.mlp(x)
+        if self.sandwich:
+            y = self.post_mlp_layernorm(y)
+        return h + y, route
+
+    def construct(self, h):
+        return self.block(h)
+
+
+class MTPHead(nn.Cell):
+    """Final norm of an MTP layer (HF ``shared_head.norm``); the output matrix is the main LM head."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+    def construct(self, h):
+        return self.norm(h)
+
+
+class MTPLayer(DecoderLayer):
+    """DeepSeek-V3 multi-token prediction: h' = Block(eh_proj([enorm(Emb(t_{i+j})); hnorm(h_i)])).
+
+    ``h`` is the previous depth's residual stream (the main model's before its final norm); the input embedding
+    and the LM head are shared with the main model.
+    """
+
+    def __init__(self, cfg: ModelConfig, attention: type, shared_name: str):
+        super().__init__(cfg, cfg.num_layers, attention, shared_name)
+        h = cfg.hidden_size
+        self.enorm = RMSNorm(h, cfg.rms_norm_eps)
+        self.hnorm = RMSNorm(h, cfg.rms_norm_eps)
+        self.eh_proj = Linear(2 * h, h, False, cfg.compute_dtype)
+        self.shared_head = MTPHead(cfg)
+
+    def construct(self, h, next_embeds):
+        x = self.eh_proj(ops.concat((self.enorm(next_embeds), self.hnorm(h)), -1))
+        out, route = self.block(x)
+        return out, self.shared_head(out), route
+
+
+class DecoderModel(nn.Cell):
+    """Embedding -> decoder layers -> final norm (HF ``model.*``), plus the MTP layers."""
+
+    def __init__(self, cfg: ModelConfig, attention: type, shared_name: str):
+        super().__init__()
+        self.embed_tokens = Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.CellList([DecoderLayer(cfg, i, attention, shared_name) for i in range(cfg.num_layers)])
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.num_mtp = cfg.num_mtp_layers
+        if self.num_mtp:
+            self.mtp_layers = nn.CellList([MTPLayer(cfg, attention, shared_name) for _ in range(cfg.num_mtp_layers)])
+
+    def construct(self, input_ids):
+        """-> (final normed hidden [B,S,H], residual stream before the final norm, router outputs per MoE layer)."""
+        h = self.embed_tokens(input_ids)
+        routes = ()
+        for layer in self.layers:
+            h, route = layer(h)
+            if route is not None:
+                routes = routes + (route,)
+        return self.norm(h), h, routes
+
+
+class CausalLM(nn.Cell):
+    """Causal LM: ``model(input_ids int32 [B, S]) -> logits float32 [B, S, V]`` (main head).
+
+    Subclasses set ``ATTENTION`` (the attention cell) and ``SHARED_EXPERT`` (the shared expert's HF name).
+    """
+
+    ATTENTION: type = None
+    SHARED_EXPERT = "shared_experts"
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.config = cfg
+        self.model = DecoderModel(cfg, self.ATTENTION, self.SHARED_EXPERT)
+        self.tied = cfg.tie_word_embeddings
+        if not self.tied:
+            self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, False, cfg.compute_dtype)
+
+    def logits(self, h):
+        if self.tied:
+            b, s, d = h.shape
+            return ops.matmul(h.reshape(b * s, d), self.model.embed_tokens.weight.T).reshape(b, s, -1)
+        return self.lm_head(h)
+
+    def construct(self, input_ids):
+        normed, _, _ = self.model(input_ids)
+        return self.logits(normed)
+
+    def forward_train(self, input_ids):
+        """-> (main logits, MTP logits per depth, router outputs of every MoE layer incl. MTP).
+
+        MTP depth j (1-based) at position i sees the embedding of t_{i+j}; its logits predict t_{i+j+1}. The last
+        j positions have no such token (their embedding is of a wrapped-around token) and must be masked.
+        """
+        normed, h, routes = self.model(input_ids)
+        mtp_logits = ()
+        if self.model.num_mtp:
+            ids = input_ids
+            for layer in self.model.mtp_layers:
+                ids = ops.concat((ids[:, 1:], ids[:, :1]), 1)  # t_{i+j}
+                h, head_in, route = layer(h, self.model.embed_tokens(ids))
+                mtp_logits = mtp_logits + (self.logits(head_in),)
+                if route is not None:
+                    routes = routes + (route,)
+        return self.logits(normed), mtp_logits, routes
