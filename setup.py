@@ -20,6 +20,7 @@ setup(
         "tokenizers>=0.15",
         "tqdm>=4.60",
         "matplotlib>=3.5",
+        "tensorboardX>=2.6",
     ],
     extras_require={
         # Peer references for parity tests (torch CPU + Hugging Face transformers).
@@ -27,6 +28,8 @@ setup(
     },
     entry_points={
         "console_scripts": [
+            "mindpangu-train=mindpangu.cli:train_main",
+            "mindpangu-preprocess=mindpangu.cli:preprocess_main",
             "mindpangu-params=mindpangu.cli:param_count_main",
             "mindpangu-convert=mindpangu.cli:convert_main",
             "mindpangu-bench=mindpangu.cli:bench_main",

@@ -29,6 +29,45 @@ def _config_args(p: argparse.ArgumentParser) -> None:
 
 
 @_friendly
+def train_main(argv=None):
+    """Train a model from a YAML recipe (the main job)."""
+    p = argparse.ArgumentParser(prog="mindpangu-train", description=train_main.__doc__)
+    _config_args(p)
+    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in output_dir")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (logs only)")
+    args = p.parse_args(argv)
+    from .config import load_config
+    from .train.trainer import Trainer, TrainingStopped
+
+    cfg = load_config(args.config, args.overrides)
+    try:
+        Trainer(cfg, resume=args.resume or None, progress=not args.no_progress).run()
+    except TrainingStopped as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(3)
+
+
+@_friendly
+def preprocess_main(argv=None):
+    """Tokenise text or JSONL files and pack them into a MindRecord dataset of seq_length + 1 tokens per sample."""
+    p = argparse.ArgumentParser(prog="mindpangu-preprocess", description=preprocess_main.__doc__)
+    p.add_argument("--input", nargs="+", required=True, help=".txt files (one document each) or .jsonl files")
+    p.add_argument("--out", required=True, help="output dataset directory")
+    p.add_argument("--seq-length", type=int, required=True)
+    p.add_argument("--tokenizer", default="byte", help="'byte' or a Hugging Face tokenizer.json")
+    p.add_argument("--text-key", default="text", help="JSONL field holding the text")
+    p.add_argument("--shards", type=int, default=1)
+    args = p.parse_args(argv)
+    from .data.mindrecord import preprocess
+    from .data.tokenizer import load_tokenizer
+
+    meta = preprocess(args.input, load_tokenizer(args.tokenizer), args.seq_length, args.out, args.shards,
+                      args.text_key)
+    print(f"wrote {args.out}: {meta['num_samples']:,} samples of {args.seq_length + 1} tokens "
+          f"({meta['tokens']:,} tokens, {meta['documents']} documents)")
+
+
+@_friendly
 def param_count_main(argv=None):
     """Print the per-component parameter table of a recipe (analytic; nothing is allocated)."""
     p = argparse.ArgumentParser(prog="mindpangu-params", description=param_count_main.__doc__)

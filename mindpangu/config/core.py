@@ -33,14 +33,15 @@ class ConfigError(ValueError):
 
 def option(default: Any = _MISSING, doc: str = "", *, choices: Optional[Tuple] = None, ge: Any = None,
            gt: Any = None, le: Any = None, aliases: Tuple[str, ...] = (),
-           value_aliases: Optional[Dict[Any, Any]] = None) -> Any:
+           value_aliases: Optional[Dict[Any, Any]] = None, path: bool = False) -> Any:
     """Declare a config field: its default, what it means, and the values allowed.
 
     ``aliases`` are other spellings of the key; ``value_aliases`` map other spellings of a value to the canonical
-    one (e.g. a mindformers class name to an architecture name).
+    one (e.g. a mindformers class name to an architecture name). ``path=True`` marks a file path: a relative
+    path written in a YAML file is taken relative to that file.
     """
     meta = {"doc": doc, "choices": choices, "ge": ge, "gt": gt, "le": le, "aliases": tuple(aliases),
-            "value_aliases": value_aliases or {}}
+            "value_aliases": value_aliases or {}, "path": path}
     if dataclasses.is_dataclass(default) or isinstance(default, (list, dict)):
         factory = (lambda d=default: dataclasses.replace(d)) if dataclasses.is_dataclass(default) \
             else (lambda d=default: type(d)(d))
@@ -213,11 +214,23 @@ def build_section(cls: type, data: Any, path: str, origins: Dict[str, str], *, s
         val = _coerce(tp, raw, kpath, kwhere)
         if isinstance(val, str):
             val = f.metadata.get("value_aliases", {}).get(val, val)
+        if f.metadata.get("path") and isinstance(val, str):
+            val = _relative_to_origin(val, kwhere)
         _check_bounds(f, val, kpath, kwhere)
         built[name] = val
     obj = cls(**built)
     obj.validate(path, origins)
     return obj
+
+
+def _relative_to_origin(value: str, where: str) -> str:
+    """A relative path from a YAML file ('file.yaml:12') is relative to that file's folder."""
+    import os
+
+    source = where.rsplit(":", 1)[0] if ":" in where else ""
+    if value and not os.path.isabs(value) and source.endswith((".yaml", ".yml")) and value != "byte":
+        return os.path.normpath(os.path.join(os.path.dirname(source), value))
+    return value
 
 
 def _check_bounds(f: dataclasses.Field, val: Any, key: str, where: str) -> None:

@@ -218,6 +218,11 @@ class RunnerConfig(Section):
     batch_size: int = option(8, "Sequences per micro-batch per data-parallel rank.", ge=1)
     train_steps: int = option(100, "Optimizer steps to run.", ge=1, aliases=("total_steps",))
     gradient_accumulation_steps: int = option(1, "Micro-batches accumulated per optimizer step.", ge=1)
+    max_consecutive_skips: int = option(5, "Stop after this many optimizer steps in a row were skipped for "
+                                           "non-finite loss or gradients.", ge=1)
+    loss_scale: float = option(1.0, "Initial loss scale (float16 compute); halved on overflow, doubled after "
+                                    "loss_scale_window good steps.", gt=0.0, aliases=("scale_sense",))
+    loss_scale_window: int = option(1000, "Good steps before the float16 loss scale doubles.", ge=1)
     sink_mode: bool = option(False, "Dataset sink mode (Ascend).")
     sink_size: int = option(1, "Steps per sink.", ge=1)
 
@@ -241,7 +246,8 @@ class LRScheduleConfig(Section):
     type: str = option("cosine", "cosine (warmup + cosine to lr_end), constant (warmup + constant) or "
                                  "multi_cosine (consecutive cosine legs, Pro MoE). mindformers names "
                                  "CosineWithWarmUpLR / ConstantWarmUpLR are accepted.",
-                       choices=("cosine", "constant", "multi_cosine", "CosineWithWarmUpLR", "ConstantWarmUpLR"))
+                       choices=("cosine", "constant", "multi_cosine"),
+                       value_aliases={"CosineWithWarmUpLR": "cosine", "ConstantWarmUpLR": "constant"})
     learning_rate: float = option(1e-3, "Peak learning rate.", gt=0.0, aliases=("lr", "max_lr"))
     lr_end: float = option(1e-4, "Final learning rate of the cosine.", ge=0.0, aliases=("min_lr",))
     warmup_steps: int = option(0, "Linear warmup steps.", ge=0)
@@ -249,11 +255,22 @@ class LRScheduleConfig(Section):
                                            ge=0.0, le=1.0)
     legs: List[List[float]] = option([], "multi_cosine legs: [[lr_start, lr_end, fraction_of_steps], ...].")
 
+    def validate(self, path, origins):
+        if self.type == "multi_cosine":
+            if not self.legs or any(len(leg) != 3 or min(leg) < 0 for leg in self.legs):
+                _fail(path, "legs", "multi_cosine needs legs [[lr_start, lr_end, fraction], ...]", origins,
+                      self.legs, "e.g. [[3e-4, 3e-5, 0.7], [3e-5, 1e-5, 0.25], [1e-5, 1e-7, 0.05]]")
+            if abs(sum(leg[2] for leg in self.legs) - 1.0) > 1e-3:
+                _fail(path, "legs", "the leg fractions must sum to 1", origins, self.legs)
+
 
 @dataclass
 class DatasetConfig(Section):
-    data_path: str = option("", "MindRecord file or directory (from tools/preprocess_data.py).",
-                            aliases=("dataset_dir", "data_dir"))
+    data_path: str = option("", "A preprocessed dataset directory (tools/preprocess_data.py), or a .txt / .jsonl "
+                                "file that is preprocessed once into the cache. Relative to the YAML file.",
+                            aliases=("dataset_dir", "data_dir"), path=True)
+    tokenizer: str = option("byte", "'byte' (built-in byte-level, 257 ids) or a Hugging Face tokenizer.json "
+                                    "(relative to the YAML file).", path=True)
     seq_length: int = option(128, "Tokens per training sequence.", ge=2)
     shuffle: bool = option(True, "Shuffle with the run seed.")
     eval_fraction: float = option(0.02, "Held-out fraction for eval loss.", ge=0.0, le=0.5)
@@ -291,6 +308,10 @@ class LoggingConfig(Section):
     eval_interval: int = option(50, "Steps between eval-loss measurements; 0 disables eval.", ge=0)
     eval_batches: int = option(4, "Batches per eval.", ge=1)
     tensorboard: bool = option(True, "Write TensorBoard event files.")
+    peak_tflops: Optional[float] = option(None, "Device peak for MFU, in TFLOP/s; default: measured fp32 matmul "
+                                                "throughput on this machine.", gt=0.0)
+    spike_sigma: float = option(4.0, "A loss or gradient-norm spike is a value above its running mean + "
+                                     "spike_sigma running standard deviations.", gt=0.0)
 
 
 @dataclass
@@ -309,7 +330,7 @@ class TrainConfig(Section):
                            choices=("train", "finetune", "eval", "predict"))
     use_parallel: bool = option(False, "Launch under a distributed job (msrun).")
     resume_training: bool = option(False, "Continue from the newest checkpoint in output_dir.")
-    load_checkpoint: Optional[str] = option(None, "Checkpoint or HF directory to initialise from.")
+    load_checkpoint: Optional[str] = option(None, "Checkpoint or HF directory to initialise from.", path=True)
     model: ModelConfig = option(ModelConfig(), "The model.")
     parallel_config: ParallelConfig = option(ParallelConfig(), "Parallel layout (mindformers' keys).")
     runner_config: RunnerConfig = option(RunnerConfig(), "Batch size, steps, accumulation.")

@@ -1,0 +1,64 @@
+"""Training losses: token cross-entropy, MTP, load-balancing (micro_batch / ep_group / global_batch), z-loss.
+
+Balance loss (Switch / Pangu): alpha * sum_i f_i * p_i with
+    f_i = N / (K * T) * #{(t, k): token t routed to expert i}     (no gradient)
+    p_i = 1 / T * sum_t S_{i,t}                                  (S: router probabilities; sigmoid scores are
+                                                                  normalised to sum 1 per token)
+The three types differ only in which tokens the statistics pool over:
+- micro_batch: each of the ``virtual_ranks`` slices of the micro-batch on its own; the losses are averaged.
+- ep_group: all virtual ranks of the expert-parallel group together (Pangu Ultra MoE). On one device the group
+  is emulated by splitting the batch into ``virtual_ranks`` = expert_parallel slices; on a cluster it is an
+  all-reduce over the real EP group. With one virtual rank it equals micro_batch.
+- global_batch: f_i over the whole global batch (all gradient-accumulation micro-batches), passed in as
+  ``pooled_counts``; p_i per micro-batch, so the accumulated (averaged) loss is exactly the pooled one, whatever
+  the split into micro-batches.
+"""
+from __future__ import annotations
+
+import mindspore as ms
+from mindspore import ops
+
+
+def cross_entropy(logits, labels):
+    """Mean token cross-entropy; logits [B, S, V], labels [B, S] int32."""
+    logp = ops.log_softmax(logits.astype(ms.float32), -1)
+    picked = ops.gather_elements(logp, 2, labels.reshape(labels.shape + (1,)))
+    return -picked.mean()
+
+
+def router_probabilities(scores, sigmoid: bool):
+    """The S_{i,t} the balance loss uses: softmax scores as they are, sigmoid scores normalised per token."""
+    if sigmoid:
+        return scores / (scores.sum(-1, keepdims=True) + 1e-20)
+    return scores
+
+
+def routed_counts(indices, num_experts: int):
+    """[T, K] int -> [T, E] float32 count of how often each token chose each expert."""
+    return ops.one_hot(indices, num_experts, ms.Tensor(1.0, ms.float32), ms.Tensor(0.0, ms.float32)).sum(1)
+
+
+def balance_loss(scores, indices, num_experts: int, top_k: int, kind: str, virtual_ranks: int, sigmoid: bool,
+                 pooled_counts=None, pooled_tokens=None):
+    """sum_i f_i * p_i for one MoE layer (unweighted; multiply by alpha outside). See the module docstring."""
+    t = scores.shape[0]
+    probs = router_probabilities(scores, sigmoid)
+    counts = ops.stop_gradient(routed_counts(indices, num_experts))
+    if kind == "global_batch":
+        f = pooled_counts * (num_experts / (top_k * pooled_tokens))
+        return (f * probs.mean(0)).sum()
+    g = virtual_ranks
+    per_rank_counts = counts.reshape(g, t // g, num_experts).sum(1)  # [g, E]
+    per_rank_p = probs.reshape(g, t // g, num_experts).mean(1)       # [g, E]
+    if kind == "micro_batch":
+        f = per_rank_counts * (num_experts / (top_k * (t // g)))
+        return (f * per_rank_p).sum(-1).mean()
+    # ep_group: pool the statistics over the g ranks of the group
+    f = per_rank_counts.sum(0) * (num_experts / (top_k * t))
+    return (f * per_rank_p.mean(0)).sum()
+
+
+def z_loss(logits):
+    """Router z-loss: mean_t logsumexp(logits_t)^2."""
+    lse = ops.logsumexp(logits.astype(ms.float32), -1)
+    return (lse * lse).mean()

@@ -1,0 +1,48 @@
+"""Model FLOPs per token and a measured device peak, for the MFU estimate."""
+from __future__ import annotations
+
+import time
+
+from ..config.schema import ModelConfig
+from ..params import count_parameters
+
+_PEAK_CACHE = {}
+
+
+def training_flops_per_token(cfg: ModelConfig, seq_length: int) -> float:
+    """6 x (active matmul parameters) + causal attention (scores and context), forward and backward.
+
+    Active matmul parameters are everything a token touches except the input embedding lookup and the norm gains
+    (routers, the K chosen experts, shared experts, the LM head and the MTP layers included). Attention adds, per
+    layer, 2 * heads * (qk_dim + v_dim) * seq/2 forward FLOPs per token (causal: half the keys on average).
+    """
+    counts = count_parameters(cfg)
+    matmul = sum(active for name, _, active in counts["components"]
+                 if not name.startswith(("input embedding", "norms", "final norm")))
+    if cfg.type == "pangu_pro_moe":
+        head = cfg.head_dim or cfg.hidden_size // cfg.num_attention_heads
+        qk, v = head, head
+    else:
+        qk, v = cfg.qk_nope_head_dim + cfg.qk_rope_head_dim, cfg.v_head_dim
+    layers = cfg.num_layers + cfg.num_mtp_layers
+    attention = 2 * cfg.num_attention_heads * (qk + v) * (seq_length / 2) * layers
+    return 3.0 * (2.0 * matmul + attention)
+
+
+def measured_peak_flops(size: int = 1024, repeats: int = 5) -> float:
+    """Best fp32 matmul FLOP/s MindSpore reaches here (a CPU default for the MFU denominator)."""
+    if size in _PEAK_CACHE:
+        return _PEAK_CACHE[size]
+    import numpy as np
+    import mindspore as ms
+    from mindspore import ops
+
+    a = ms.Tensor(np.random.default_rng(0).standard_normal((size, size), np.float32))
+    ops.matmul(a, a).asnumpy()
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        ops.matmul(a, a).asnumpy()
+        best = min(best, time.perf_counter() - start)
+    _PEAK_CACHE[size] = 2.0 * size ** 3 / best
+    return _PEAK_CACHE[size]

@@ -1,0 +1,67 @@
+"""AdamW with decoupled weight decay, and the learning-rate schedules."""
+from __future__ import annotations
+
+import math
+
+import mindspore as ms
+from mindspore import Parameter, ParameterTuple, Tensor, nn, ops
+
+from ..config.schema import LRScheduleConfig
+
+
+def decays(name: str) -> bool:
+    """Weight decay applies to matrices and embeddings, not to norm gains, biases or Pro MoE's router_scale."""
+    parts = name.split(".")
+    leaf, owner = parts[-1], parts[-2] if len(parts) > 1 else ""
+    return not ("norm" in owner or leaf in ("bias", "router_scale", "e_score_correction_bias"))
+
+
+def learning_rate(step: int, total: int, cfg: LRScheduleConfig) -> float:
+    """LR at optimizer step ``step`` (0-based) of ``total``: linear warmup, then cosine / constant / multi_cosine."""
+    warmup = int(round(cfg.warmup_ratio * total)) if cfg.warmup_ratio is not None else cfg.warmup_steps
+    if step < warmup:
+        return cfg.learning_rate * (step + 1) / warmup
+    if cfg.type == "constant":
+        return cfg.learning_rate
+    progress = (step - warmup) / max(1, total - warmup)
+    if cfg.type == "cosine":
+        return cfg.lr_end + 0.5 * (cfg.learning_rate - cfg.lr_end) * (1 + math.cos(math.pi * min(1.0, progress)))
+    start = 0.0  # multi_cosine: consecutive legs [lr_start, lr_end, fraction of the post-warmup steps]
+    for lr0, lr1, frac in cfg.legs:
+        if progress < start + frac or (lr0, lr1, frac) == tuple(cfg.legs[-1]):
+            local = min(1.0, (progress - start) / frac) if frac > 0 else 1.0
+            return lr1 + 0.5 * (lr0 - lr1) * (1 + math.cos(math.pi * local))
+        start += frac
+    return cfg.lr_end
+
+
+class AdamW(nn.Cell):
+    """AdamW (Loshchilov & Hutter; PyTorch's form): p <- p * (1 - lr * wd) - lr * m_hat / (sqrt(v_hat) + eps).
+
+    ``construct(grads, lr, apply)``: when ``apply`` is False (non-finite gradients) nothing changes, not even the
+    step count. Moments are Parameters named ``adam_m.<param>`` / ``adam_v.<param>`` so checkpoints hold them.
+    """
+
+    def __init__(self, params, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1):
+        super().__init__()
+        self.params = ParameterTuple(params)
+        self.m = self.params.clone(prefix="adam_m", init="zeros")
+        self.v = self.params.clone(prefix="adam_v", init="zeros")
+        self.step = Parameter(Tensor(0.0, ms.float32), name="adam_step", requires_grad=False)
+        self.b1, self.b2, self.eps = float(betas[0]), float(betas[1]), float(eps)
+        self.wd = tuple(float(weight_decay) if decays(p.name) else 0.0 for p in self.params)
+
+    def construct(self, grads, lr, apply):
+        t = self.step + ops.cast(apply, ms.float32)
+        ops.assign(self.step, t)
+        c1 = 1.0 - ops.pow(Tensor(self.b1, ms.float32), t)
+        c2 = 1.0 - ops.pow(Tensor(self.b2, ms.float32), t)
+        for p, m, v, g, wd in zip(self.params, self.m, self.v, grads, self.wd):
+            m_new = self.b1 * m + (1.0 - self.b1) * g
+            v_new = self.b2 * v + (1.0 - self.b2) * g * g
+            update = (m_new / c1) / (ops.sqrt(v_new / c2) + self.eps)
+            p_new = p * (1.0 - lr * wd) - lr * update if wd else p - lr * update
+            ops.assign(m, ops.select(apply, m_new, m))
+            ops.assign(v, ops.select(apply, v_new, v))
+            ops.assign(p, ops.select(apply, p_new, p))
+        return t

@@ -1,0 +1,133 @@
+"""The compiled pieces of a training step: the loss, a micro-step (forward, backward, accumulate) and the update
+(unscale, global-norm clip, skip-if-non-finite AdamW, expert-bias update). The trainer calls them in order; each
+is a Cell, so GRAPH mode compiles it once."""
+from __future__ import annotations
+
+import mindspore as ms
+from mindspore import ParameterTuple, Tensor, nn, ops
+
+from ..config.schema import TrainConfig
+from .losses import balance_loss, cross_entropy, z_loss
+from .optim import AdamW
+
+
+def moe_layers(model):
+    """The model's MoE cells in the order ``forward_train`` returns their router outputs (main, then MTP)."""
+    layers = [layer for layer in model.model.layers if layer.is_moe]
+    if model.model.num_mtp:
+        layers += [layer for layer in model.model.mtp_layers if layer.is_moe]
+    return [layer.mlp for layer in layers]
+
+
+class LossNet(nn.Cell):
+    """tokens [B, S+1] -> (scaled total loss, (lm, mtp, balance, z, expert counts [layers, E]))."""
+
+    def __init__(self, model, cfg: TrainConfig):
+        super().__init__(auto_prefix=False)
+        self.model = model
+        m = cfg.model
+        self.mtp_weight = m.mtp_loss_weight
+        self.num_mtp = m.num_mtp_layers
+        b = m.moe.balance_loss
+        self.kind, self.coeff, self.z_coeff = b.type, b.coeff, b.z_loss_coeff
+        self.num_experts, self.top_k = m.moe.num_experts, m.moe.num_experts_per_tok
+        self.sigmoid = m.moe.score_function == "sigmoid"
+        self.virtual_ranks = cfg.parallel_config.expert_parallel
+        self.num_moe = len(moe_layers(model))
+
+    def construct(self, tokens, pooled_counts, pooled_tokens, scale):
+        inputs, labels = tokens[:, :-1], tokens[:, 1:]
+        s = inputs.shape[1]
+        logits, mtp_logits, routes = self.model.forward_train(inputs)
+        lm = cross_entropy(logits, labels)
+        mtp = ops.zeros((), ms.float32)
+        depth = 0
+        for head in mtp_logits:
+            depth += 1
+            mtp = mtp + cross_entropy(head[:, : s - depth], labels[:, depth:])
+        if self.num_mtp:
+            mtp = mtp / self.num_mtp
+        bal = ops.zeros((), ms.float32)
+        zl = ops.zeros((), ms.float32)
+        counts = ()
+        i = 0
+        for _, indices, scores, router_logits, layer_counts in routes:
+            if self.kind != "none":
+                bal = bal + balance_loss(scores, indices, self.num_experts, self.top_k, self.kind,
+                                         self.virtual_ranks, self.sigmoid, pooled_counts[i], pooled_tokens)
+            if self.z_coeff > 0:
+                zl = zl + z_loss(router_logits)
+            counts = counts + (layer_counts.astype(ms.float32),)
+            i += 1
+        total = lm + self.mtp_weight * mtp + self.coeff * bal + self.z_coeff * zl
+        stacked = ops.stack(counts) if counts else ops.zeros((1, self.num_experts), ms.float32)
+        mean_bal = bal / max(1, self.num_moe)
+        return total * scale, (lm, mtp, mean_bal, zl, stacked)
+
+
+class RoutingStats(nn.Cell):
+    """Forward only: expert counts [layers, E] of a micro-batch (for global_batch pooling before backward)."""
+
+    def __init__(self, model, num_experts: int):
+        super().__init__(auto_prefix=False)
+        self.model, self.num_experts = model, num_experts
+
+    def construct(self, tokens):
+        _, _, routes = self.model.forward_train(tokens[:, :-1])
+        counts = ()
+        for route in routes:
+            counts = counts + (route[4].astype(ms.float32),)
+        return ops.stack(counts) if counts else ops.zeros((1, self.num_experts), ms.float32)
+
+
+class MicroStep(nn.Cell):
+    """Forward + backward of one micro-batch; gradients are added into the accumulators."""
+
+    def __init__(self, loss_net: LossNet, params):
+        super().__init__(auto_prefix=False)
+        self.loss_net = loss_net
+        self.params = ParameterTuple(params)
+        self.accum = self.params.clone(prefix="accum", init="zeros")
+        self.grad_fn = ms.value_and_grad(self.loss_net, None, self.params, has_aux=True)
+
+    def construct(self, tokens, pooled_counts, pooled_tokens, scale):
+        (loss, aux), grads = self.grad_fn(tokens, pooled_counts, pooled_tokens, scale)
+        for acc, g in zip(self.accum, grads):
+            ops.assign_add(acc, g)
+        return loss, aux
+
+
+class UpdateStep(nn.Cell):
+    """Unscale the accumulated gradients, clip by global norm, AdamW if finite, zero the accumulators, and step
+    the aux-loss-free expert biases: b_i += rate * sign(mean load - load_i)."""
+
+    def __init__(self, accum, optimizer: AdamW, max_norm: float, expert_biases, bias_rate: float):
+        super().__init__(auto_prefix=False)
+        self.accum = accum
+        self.optimizer = optimizer
+        self.max_norm = float(max_norm)
+        self.biases = ParameterTuple(expert_biases) if expert_biases else ()
+        self.bias_rate = float(bias_rate)
+
+    def construct(self, lr, inv_scale, counts):
+        grads = ()
+        sq = ops.zeros((), ms.float32)
+        for acc in self.accum:
+            g = acc * inv_scale
+            grads = grads + (g,)
+            sq = sq + (g * g).sum()
+        norm = ops.sqrt(sq)
+        finite = ops.isfinite(norm)
+        if self.max_norm > 0:
+            clip = ops.minimum(Tensor(1.0, ms.float32), self.max_norm / (norm + 1e-6))
+            grads = tuple(g * clip for g in grads)
+        self.optimizer(grads, lr, finite)
+        for acc in self.accum:
+            ops.assign(acc, ops.zeros_like(acc))
+        i = 0
+        for bias in self.biases:
+            load = counts[i]
+            step = self.bias_rate * ops.sign(load.mean() - load)
+            ops.assign(bias, ops.select(finite, bias + step, bias))
+            i += 1
+        return norm, finite

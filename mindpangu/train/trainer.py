@@ -1,0 +1,315 @@
+"""The training loop: data -> micro-steps -> update -> logs, eval, checkpoints; resumable and fault-aware."""
+from __future__ import annotations
+
+import math
+import os
+import time
+from typing import Dict, List, Optional
+
+import numpy as np
+import mindspore as ms
+from tqdm import tqdm
+
+from ..config import ConfigError, TrainConfig
+from ..data.mindrecord import JSONL_SUFFIXES, TEXT_SUFFIXES, PackedDataset, Position, cached_dataset
+from ..data.tokenizer import load_tokenizer
+from ..models import build_model
+from . import checkpoint as ckpt
+from .losses import cross_entropy
+from .logger import MetricsWriter, SpikeCounter
+from .mfu import measured_peak_flops, training_flops_per_token
+from .optim import AdamW, learning_rate
+from .step import LossNet, MicroStep, RoutingStats, UpdateStep, moe_layers
+
+
+class TrainingStopped(RuntimeError):
+    """Training cannot go on (e.g. too many non-finite steps in a row)."""
+
+
+def cache_root() -> str:
+    return os.environ.get("MINDPANGU_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "mindpangu"))
+
+
+def open_dataset(cfg: TrainConfig, vocab_size: int) -> PackedDataset:
+    """The training data: a preprocessed directory, or a text/JSONL file preprocessed once into the cache."""
+    d = cfg.train_dataset
+    if not d.data_path:
+        raise ConfigError("train_dataset.data_path", "no training data given",
+                          allowed="a preprocessed directory or a .txt / .jsonl file")
+    if not os.path.exists(d.data_path):
+        raise FileNotFoundError(f"train_dataset.data_path '{d.data_path}' does not exist")
+    tokenizer = load_tokenizer(d.tokenizer)
+    if tokenizer.vocab_size > vocab_size:
+        raise ConfigError("model.vocab_size", f"smaller than the tokenizer's {tokenizer.vocab_size} ids",
+                          value=vocab_size, allowed=f">= {tokenizer.vocab_size}")
+    path = d.data_path
+    if os.path.isfile(path):
+        if not path.endswith(TEXT_SUFFIXES + JSONL_SUFFIXES):
+            raise ValueError(f"train_dataset.data_path '{path}' is a file but not text ({', '.join(TEXT_SUFFIXES)}) "
+                             f"or JSONL ({', '.join(JSONL_SUFFIXES)})")
+        path = cached_dataset(path, tokenizer, d.seq_length, os.path.join(cache_root(), "data"))
+    data = PackedDataset(path, d.eval_fraction)
+    if data.seq_length != d.seq_length:
+        raise ConfigError("train_dataset.seq_length", f"the dataset in '{path}' was packed for {data.seq_length}",
+                          value=d.seq_length, allowed=str(data.seq_length))
+    if int(data.meta.get("vocab_size", 0)) > vocab_size:
+        raise ConfigError("model.vocab_size", f"smaller than the dataset's tokenizer ({data.meta['vocab_size']})",
+                          value=vocab_size)
+    return data
+
+
+def writable_dir(path: str) -> None:
+    try:
+        os.makedirs(path, exist_ok=True)
+        probe = os.path.join(path, f".write_probe{os.getpid()}")
+        with open(probe, "w") as fh:
+            fh.write("ok")
+        os.remove(probe)
+    except OSError as e:
+        raise ValueError(f"output_dir '{path}' is not writable: {e.strerror}") from None
+
+
+def imbalance_devices(cfg: TrainConfig) -> int:
+    """Devices the logged imbalance score spreads experts over: MoGE groups, else EP ranks, else up to 8."""
+    m = cfg.model.moe
+    if m.router == "moge":
+        return m.num_groups
+    if cfg.parallel_config.expert_parallel > 1:
+        return cfg.parallel_config.expert_parallel
+    return math.gcd(m.num_experts, 8)
+
+
+class Trainer:
+    """Builds everything a run needs from a TrainConfig; ``run()`` trains and returns a summary dict."""
+
+    def __init__(self, cfg: TrainConfig, resume: Optional[bool] = None, progress: bool = True):
+        self.cfg = cfg
+        self.resume = cfg.resume_training if resume is None else resume
+        self.progress = progress
+        m = cfg.model
+        if cfg.context.device_target == "CPU" and m.compute_dtype == "bfloat16":
+            raise ConfigError("model.compute_dtype", "bfloat16 matmul does not run on MindSpore's CPU backend",
+                              value="bfloat16", allowed="float32 | float16")
+        ms.set_context(mode=ms.GRAPH_MODE if cfg.context.graph_mode else ms.PYNATIVE_MODE,
+                       device_target=cfg.context.device_target)
+        ms.set_seed(cfg.seed)
+        writable_dir(cfg.output_dir)
+        self.data = open_dataset(cfg, m.vocab_size)
+        self.model = build_model(m, seed=cfg.seed)
+        params = [p for p in self.model.get_parameters() if p.requires_grad]
+        o = cfg.optimizer
+        self.optimizer = AdamW(params, o.betas, o.eps, o.weight_decay)
+        self.loss_net = LossNet(self.model, cfg)
+        self.micro = MicroStep(self.loss_net, params)
+        layers = moe_layers(self.model)
+        self.num_routes = max(1, len(layers))
+        biases = [layer.gate.e_score_correction_bias for layer in layers if layer.gate.use_bias]
+        self.update = UpdateStep(self.micro.accum, self.optimizer, o.grad_clip, biases,
+                                 m.moe.balance_loss.expert_bias.update_rate)
+        self.stats = RoutingStats(self.model, m.moe.num_experts)
+        self.eval_net = _EvalNet(self.model)
+        self.saved = list(self.model.get_parameters()) + list(self.optimizer.m) + list(self.optimizer.v) + \
+            [self.optimizer.step]
+        r = cfg.runner_config
+        self.loss_scale = r.loss_scale if m.compute_dtype == "float16" else 1.0
+        self.step = 0
+        self.position = Position()
+        self.skipped = self.consecutive = self.good = 0
+        self.loss_spikes, self.grad_spikes = SpikeCounter(cfg.logging.spike_sigma), SpikeCounter(cfg.logging.spike_sigma)
+
+    # ---- checkpoints -------------------------------------------------------------------------------------------
+    @property
+    def ckpt_root(self) -> str:
+        return os.path.join(self.cfg.output_dir, "checkpoints")
+
+    def state(self) -> Dict:
+        return {"step": self.step, "epoch": self.position.epoch, "offset": self.position.offset,
+                "loss_scale": self.loss_scale, "skipped": self.skipped, "consecutive": self.consecutive,
+                "good": self.good, "loss_spikes": self.loss_spikes.state(), "grad_spikes": self.grad_spikes.state(),
+                "seed": self.cfg.seed, "data": self.data.meta.get("fingerprint"), "model": self.cfg.model.to_dict()}
+
+    def save(self) -> str:
+        return ckpt.save(self.ckpt_root, self.step, self.saved, self.state(), self.cfg.checkpoint.keep_checkpoint_max)
+
+    def restore(self) -> bool:
+        found = ckpt.load_latest(self.ckpt_root)
+        if found is None:
+            return False
+        path, state, arrays = found
+        diff = ckpt.config_differences(state.get("model", {}), self.cfg.model.to_dict())
+        if diff:
+            raise ValueError(f"checkpoint '{path}' was written for another model config: " + "; ".join(diff[:6]))
+        missing = [p.name for p in self.saved if p.name not in arrays]
+        if missing:
+            raise ValueError(f"checkpoint '{path}' lacks {len(missing)} tensors, e.g. {missing[:3]}")
+        for p in self.saved:
+            if tuple(arrays[p.name].shape) != tuple(p.shape):
+                raise ValueError(f"checkpoint '{path}': '{p.name}' has shape {arrays[p.name].shape}, expected {p.shape}")
+            p.set_data(ms.Tensor(arrays[p.name]))
+        self.step, self.position = state["step"], Position(state["epoch"], state["offset"])
+        self.loss_scale, self.skipped = state["loss_scale"], state["skipped"]
+        self.consecutive, self.good = state["consecutive"], state["good"]
+        self.loss_spikes.load(state["loss_spikes"])
+        self.grad_spikes.load(state["grad_spikes"])
+        if state.get("data") != self.data.meta.get("fingerprint"):
+            print(f"warning: the training data differs from the data checkpoint '{path}' was trained on")
+        return True
+
+    # ---- one optimizer step --------------------------------------------------------------------------------------
+    def train_step(self, micro_batches: List[np.ndarray]) -> Dict:
+        cfg = self.cfg
+        accum = len(micro_batches)
+        e = cfg.model.moe.num_experts
+        lr = learning_rate(self.step, cfg.runner_config.train_steps, cfg.lr_schedule)
+        batches = [ms.Tensor(b, ms.int32) for b in micro_batches]
+        tokens_per_micro = micro_batches[0].shape[0] * (micro_batches[0].shape[1] - 1)
+        if cfg.model.moe.balance_loss.type == "global_batch":
+            pooled = sum(self.stats(b).asnumpy() for b in batches)
+            pooled_tokens = float(tokens_per_micro * accum)
+        else:
+            pooled, pooled_tokens = np.zeros((self.num_routes, e), np.float32), 1.0
+        pooled_t = ms.Tensor(np.asarray(pooled, np.float32))
+        scale = ms.Tensor(self.loss_scale / accum, ms.float32)
+        sums = np.zeros(5)
+        counts = np.zeros((self.num_routes, e), np.float32)
+        for b in batches:
+            loss, (lm, mtp, bal, zl, c) = self.micro(b, pooled_t, ms.Tensor(pooled_tokens, ms.float32), scale)
+            sums += [float(loss.asnumpy()) / self.loss_scale, float(lm.asnumpy()) / accum,
+                     float(mtp.asnumpy()) / accum, float(bal.asnumpy()) / accum, float(zl.asnumpy()) / accum]
+            counts += c.asnumpy()
+        norm, finite = self.update(ms.Tensor(lr, ms.float32), ms.Tensor(1.0 / self.loss_scale, ms.float32),
+                                   ms.Tensor(counts))
+        return {"loss": sums[0], "lm_loss": sums[1], "mtp_loss": sums[2], "balance_loss": sums[3], "z_loss": sums[4],
+                "grad_norm": float(norm.asnumpy()), "finite": bool(finite.asnumpy()), "lr": lr, "counts": counts,
+                "tokens": tokens_per_micro * accum}
+
+    def after_step(self, out: Dict) -> None:
+        """Skip accounting, float16 loss-scale control and spike counters."""
+        r = self.cfg.runner_config
+        if not out["finite"] or not math.isfinite(out["loss"]):
+            self.skipped += 1
+            self.consecutive += 1
+            if self.cfg.model.compute_dtype == "float16":
+                self.loss_scale = max(1.0, self.loss_scale / 2)
+            if self.consecutive >= r.max_consecutive_skips:
+                raise TrainingStopped(
+                    f"training stopped at step {self.step}: {self.consecutive} optimizer steps in a row had a "
+                    f"non-finite loss or gradients (last loss {out['loss']}, grad norm {out['grad_norm']}); "
+                    "lower lr_schedule.learning_rate, enable optimizer.grad_clip, or check the data")
+            return
+        self.consecutive = 0
+        self.good += 1
+        if self.cfg.model.compute_dtype == "float16" and self.good % r.loss_scale_window == 0:
+            self.loss_scale *= 2
+        self.loss_spikes.update(out["loss"])
+        self.grad_spikes.update(out["grad_norm"])
+
+    def evaluate(self) -> Optional[float]:
+        batches = self.data.eval_batches(self.cfg.runner_config.batch_size, self.cfg.logging.eval_batches)
+        if not batches:
+            return None
+        return float(np.mean([self.eval_net(ms.Tensor(b, ms.int32)).asnumpy() for b in batches]))
+
+    def expert_load(self, counts: np.ndarray) -> Dict:
+        """Per MoE layer: max/mean expert load and the device imbalance score."""
+        devices = imbalance_devices(self.cfg)
+        e = counts.shape[1]
+        tokens = counts.sum(1) / self.cfg.model.moe.num_experts_per_tok
+        per_device = counts.reshape(counts.shape[0], devices, e // devices).sum(2)
+        return {"load_max_over_mean": [round(float(x), 4) for x in counts.max(1) / np.maximum(counts.mean(1), 1e-9)],
+                "imbalance_score": [round(float(x), 4) for x in
+                                    (per_device.max(1) - per_device.min(1)) / np.maximum(tokens, 1)]}
+
+    # ---- the loop ----------------------------------------------------------------------------------------------
+    def run(self) -> Dict:
+        cfg, r, log = self.cfg, self.cfg.runner_config, self.cfg.logging
+        resumed = self.resume and self.restore()
+        writer = MetricsWriter(cfg.output_dir, log.tensorboard)
+        peak = log.peak_tflops * 1e12 if log.peak_tflops else measured_peak_flops()
+        flops_per_token = training_flops_per_token(cfg.model, cfg.train_dataset.seq_length)
+        stream = self.data.batches(r.batch_size, self.position, cfg.seed, cfg.train_dataset.shuffle)
+        start_step = self.step
+        bar = tqdm(total=r.train_steps, initial=self.step, desc="train", unit="step", disable=not self.progress,
+                   dynamic_ncols=True)
+        if resumed:
+            tqdm.write(f"resumed from step {self.step} (epoch {self.position.epoch}, sample {self.position.offset})")
+        t_run = time.perf_counter()
+        window_tokens, window_time, first_step_s, last_eval = 0, 0.0, None, None
+        recent: List[float] = []
+        try:
+            while self.step < r.train_steps:
+                micro = []
+                for _ in range(r.gradient_accumulation_steps):
+                    batch, self.position = next(stream)
+                    micro.append(batch)
+                t0 = time.perf_counter()
+                out = self.train_step(micro)
+                dt = time.perf_counter() - t0
+                self.step += 1
+                self.after_step(out)
+                if first_step_s is None:
+                    first_step_s = dt
+                else:
+                    window_tokens += out["tokens"]
+                    window_time += dt
+                recent.append(out["loss"])
+                tps = window_tokens / window_time if window_time else out["tokens"] / dt
+                record = {"kind": "train", "step": self.step, "loss": out["loss"], "lm_loss": out["lm_loss"],
+                          "mtp_loss": out["mtp_loss"], "balance_loss": out["balance_loss"], "z_loss": out["z_loss"],
+                          "grad_norm": out["grad_norm"], "lr": out["lr"], "tokens_per_s": tps,
+                          "mfu": flops_per_token * tps / peak, "skipped": self.skipped,
+                          "loss_spikes": self.loss_spikes.count, "grad_spikes": self.grad_spikes.count}
+                if self.step % log.log_interval == 0 or self.step == r.train_steps:
+                    record.update(self.expert_load(out["counts"]))
+                    tqdm.write(self._line(record))
+                writer.write(record)
+                bar.set_postfix(loss=f"{out['loss']:.3f}", refresh=False)
+                bar.update(1)
+                if log.eval_interval and (self.step % log.eval_interval == 0 or self.step == r.train_steps):
+                    last_eval = self.evaluate()
+                    if last_eval is not None:
+                        writer.write({"kind": "eval", "step": self.step, "eval_loss": last_eval})
+                        tqdm.write(f"step {self.step}: eval loss {last_eval:.4f}")
+                if self.step % cfg.checkpoint.save_checkpoint_steps == 0 or self.step == r.train_steps:
+                    self.save()
+        finally:
+            bar.close()
+            writer.close()
+        summary = {"steps": self.step, "steps_this_run": self.step - start_step,
+                   "final_loss": float(np.mean(recent[-10:])) if recent else None, "eval_loss": last_eval,
+                   "skipped": self.skipped, "loss_spikes": self.loss_spikes.count,
+                   "grad_spikes": self.grad_spikes.count, "first_step_s": first_step_s,
+                   "tokens_per_s": window_tokens / window_time if window_time else None,
+                   "wall_s": time.perf_counter() - t_run, "output_dir": cfg.output_dir}
+        print(self._summary(summary))
+        return summary
+
+    @staticmethod
+    def _line(r: Dict) -> str:
+        load = max(r["load_max_over_mean"]) if r.get("load_max_over_mean") else 0.0
+        imb = max(r["imbalance_score"]) if r.get("imbalance_score") else 0.0
+        return (f"step {r['step']}: loss {r['loss']:.4f} (lm {r['lm_loss']:.4f}, mtp {r['mtp_loss']:.4f}, "
+                f"balance {r['balance_loss']:.4f}) | grad norm {r['grad_norm']:.3f} | lr {r['lr']:.2e} | "
+                f"{r['tokens_per_s']:,.0f} tok/s | MFU {100 * r['mfu']:.1f}% | expert load max/mean {load:.2f}, "
+                f"IS {imb:.3f} (worst layer) | skipped {r['skipped']} | spikes loss {r['loss_spikes']} "
+                f"grad {r['grad_spikes']}")
+
+    @staticmethod
+    def _summary(s: Dict) -> str:
+        rows = [("steps", s["steps"]), ("final train loss (last 10)", s["final_loss"]), ("eval loss", s["eval_loss"]),
+                ("steady tokens/s", s["tokens_per_s"]), ("first step (compile) s", s["first_step_s"]),
+                ("wall s", s["wall_s"]), ("skipped steps", s["skipped"]),
+                ("loss / grad spikes", f"{s['loss_spikes']} / {s['grad_spikes']}"), ("output", s["output_dir"])]
+        fmt = lambda v: f"{v:,.4f}" if isinstance(v, float) else str(v)  # noqa: E731
+        return "\n".join(["training summary"] + [f"  {k:<28}{fmt(v)}" for k, v in rows])
+
+
+class _EvalNet(ms.nn.Cell):
+    """Held-out LM loss of a batch [B, S+1]."""
+
+    def __init__(self, model):
+        super().__init__(auto_prefix=False)
+        self.model = model
+
+    def construct(self, tokens):
+        return cross_entropy(self.model(tokens[:, :-1]), tokens[:, 1:])
