@@ -35,13 +35,16 @@ def train_main(argv=None):
     _config_args(p)
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in output_dir")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (logs only)")
+    p.add_argument("--max-steps-this-run", type=int, default=None,
+                   help="stop (with a checkpoint) after this many steps; --resume continues (time-limited jobs)")
     args = p.parse_args(argv)
     from .config import load_config
     from .train.trainer import Trainer, TrainingStopped
 
     cfg = load_config(args.config, args.overrides)
     try:
-        Trainer(cfg, resume=args.resume or None, progress=not args.no_progress).run()
+        Trainer(cfg, resume=args.resume or None, progress=not args.no_progress,
+                max_steps_this_run=args.max_steps_this_run).run()
     except TrainingStopped as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(3)
@@ -142,15 +145,19 @@ def imbalance_mc_main(argv=None):
 
 @_friendly
 def bench_main(argv=None):
-    """Benchmarks: ``forward`` (tokens/s in GRAPH and PYNATIVE mode)."""
+    """Benchmarks: ``forward`` (tokens/s in GRAPH and PYNATIVE mode), ``train`` (step time, tokens/s, MFU)."""
     p = argparse.ArgumentParser(prog="mindpangu-bench", description=bench_main.__doc__)
-    p.add_argument("what", choices=["forward"])
+    p.add_argument("what", choices=["forward", "train"])
     _config_args(p)
     p.add_argument("--batch", type=int, default=None, help="default: runner_config.batch_size")
     p.add_argument("--seq", type=int, default=None, help="default: train_dataset.seq_length")
     p.add_argument("--repeats", type=int, default=10)
     args = p.parse_args(argv)
-    from .bench import bench_forward
+    from .bench import bench_forward, bench_train
     from .config import load_config
 
-    bench_forward(load_config(args.config, args.overrides), args.batch, args.seq, args.repeats)
+    cfg = load_config(args.config, args.overrides)
+    if args.what == "train":
+        bench_train(cfg, args.repeats)
+    else:
+        bench_forward(cfg, args.batch, args.seq, args.repeats)

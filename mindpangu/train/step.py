@@ -3,6 +3,9 @@
 is a Cell, so GRAPH mode compiles it once."""
 from __future__ import annotations
 
+from typing import Dict, List
+
+import numpy as np
 import mindspore as ms
 from mindspore import ParameterTuple, Tensor, nn, ops
 
@@ -131,3 +134,51 @@ class UpdateStep(nn.Cell):
             ops.assign(bias, ops.select(finite, bias + step, bias))
             i += 1
         return norm, finite
+
+
+class StepRunner:
+    """One optimizer step over a list of micro-batches: routing statistics (global_batch), micro-steps, update.
+
+    Holds the model's optimizer and compiled cells; the trainer and the benchmark both drive it.
+    """
+
+    def __init__(self, model, cfg: TrainConfig):
+        self.cfg = cfg
+        m, o = cfg.model, cfg.optimizer
+        params = [p for p in model.get_parameters() if p.requires_grad]
+        self.optimizer = AdamW(params, o.betas, o.eps, o.weight_decay)
+        self.micro = MicroStep(LossNet(model, cfg), params)
+        layers = moe_layers(model)
+        self.num_routes = max(1, len(layers))
+        biases = [layer.gate.e_score_correction_bias for layer in layers if layer.gate.use_bias]
+        self.update = UpdateStep(self.micro.accum, self.optimizer, o.grad_clip, biases,
+                                 m.moe.balance_loss.expert_bias.update_rate)
+        self.stats = RoutingStats(model, m.moe.num_experts)
+        self.state_params = list(model.get_parameters()) + list(self.optimizer.m) + list(self.optimizer.v) + \
+            [self.optimizer.step]
+
+    def run(self, micro_batches: List[np.ndarray], lr: float, loss_scale: float = 1.0) -> Dict:
+        """Train on ``micro_batches`` ([B, S+1] int32 each) and return the step's losses and statistics."""
+        accum = len(micro_batches)
+        e = self.cfg.model.moe.num_experts
+        batches = [ms.Tensor(b, ms.int32) for b in micro_batches]
+        tokens_per_micro = micro_batches[0].shape[0] * (micro_batches[0].shape[1] - 1)
+        if self.cfg.model.moe.balance_loss.type == "global_batch":
+            pooled = sum(self.stats(b).asnumpy() for b in batches)
+            pooled_tokens = float(tokens_per_micro * accum)
+        else:
+            pooled, pooled_tokens = np.zeros((self.num_routes, e), np.float32), 1.0
+        pooled_t = ms.Tensor(np.asarray(pooled, np.float32))
+        scale = ms.Tensor(loss_scale / accum, ms.float32)
+        sums = np.zeros(5)
+        counts = np.zeros((self.num_routes, e), np.float32)
+        for b in batches:
+            loss, (lm, mtp, bal, zl, c) = self.micro(b, pooled_t, ms.Tensor(pooled_tokens, ms.float32), scale)
+            sums += [float(loss.asnumpy()) / loss_scale, float(lm.asnumpy()) / accum, float(mtp.asnumpy()) / accum,
+                     float(bal.asnumpy()) / accum, float(zl.asnumpy()) / accum]
+            counts += c.asnumpy()
+        norm, finite = self.update(ms.Tensor(lr, ms.float32), ms.Tensor(1.0 / loss_scale, ms.float32),
+                                   ms.Tensor(counts))
+        return {"loss": sums[0], "lm_loss": sums[1], "mtp_loss": sums[2], "balance_loss": sums[3], "z_loss": sums[4],
+                "grad_norm": float(norm.asnumpy()), "finite": bool(finite.asnumpy()), "lr": lr, "counts": counts,
+                "tokens": tokens_per_micro * accum}

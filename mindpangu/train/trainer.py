@@ -18,8 +18,8 @@ from . import checkpoint as ckpt
 from .losses import cross_entropy
 from .logger import MetricsWriter, SpikeCounter
 from .mfu import measured_peak_flops, training_flops_per_token
-from .optim import AdamW, learning_rate
-from .step import LossNet, MicroStep, RoutingStats, UpdateStep, moe_layers
+from .optim import learning_rate
+from .step import StepRunner
 
 
 class TrainingStopped(RuntimeError):
@@ -82,8 +82,10 @@ def imbalance_devices(cfg: TrainConfig) -> int:
 class Trainer:
     """Builds everything a run needs from a TrainConfig; ``run()`` trains and returns a summary dict."""
 
-    def __init__(self, cfg: TrainConfig, resume: Optional[bool] = None, progress: bool = True):
+    def __init__(self, cfg: TrainConfig, resume: Optional[bool] = None, progress: bool = True,
+                 max_steps_this_run: Optional[int] = None):
         self.cfg = cfg
+        self.max_steps_this_run = max_steps_this_run
         self.resume = cfg.resume_training if resume is None else resume
         self.progress = progress
         m = cfg.model
@@ -96,20 +98,8 @@ class Trainer:
         writable_dir(cfg.output_dir)
         self.data = open_dataset(cfg, m.vocab_size)
         self.model = build_model(m, seed=cfg.seed)
-        params = [p for p in self.model.get_parameters() if p.requires_grad]
-        o = cfg.optimizer
-        self.optimizer = AdamW(params, o.betas, o.eps, o.weight_decay)
-        self.loss_net = LossNet(self.model, cfg)
-        self.micro = MicroStep(self.loss_net, params)
-        layers = moe_layers(self.model)
-        self.num_routes = max(1, len(layers))
-        biases = [layer.gate.e_score_correction_bias for layer in layers if layer.gate.use_bias]
-        self.update = UpdateStep(self.micro.accum, self.optimizer, o.grad_clip, biases,
-                                 m.moe.balance_loss.expert_bias.update_rate)
-        self.stats = RoutingStats(self.model, m.moe.num_experts)
+        self.runner = StepRunner(self.model, cfg)
         self.eval_net = _EvalNet(self.model)
-        self.saved = list(self.model.get_parameters()) + list(self.optimizer.m) + list(self.optimizer.v) + \
-            [self.optimizer.step]
         r = cfg.runner_config
         self.loss_scale = r.loss_scale if m.compute_dtype == "float16" else 1.0
         self.step = 0
@@ -129,7 +119,8 @@ class Trainer:
                 "seed": self.cfg.seed, "data": self.data.meta.get("fingerprint"), "model": self.cfg.model.to_dict()}
 
     def save(self) -> str:
-        return ckpt.save(self.ckpt_root, self.step, self.saved, self.state(), self.cfg.checkpoint.keep_checkpoint_max)
+        return ckpt.save(self.ckpt_root, self.step, self.runner.state_params, self.state(),
+                         self.cfg.checkpoint.keep_checkpoint_max)
 
     def restore(self) -> bool:
         found = ckpt.load_latest(self.ckpt_root)
@@ -139,10 +130,10 @@ class Trainer:
         diff = ckpt.config_differences(state.get("model", {}), self.cfg.model.to_dict())
         if diff:
             raise ValueError(f"checkpoint '{path}' was written for another model config: " + "; ".join(diff[:6]))
-        missing = [p.name for p in self.saved if p.name not in arrays]
+        missing = [p.name for p in self.runner.state_params if p.name not in arrays]
         if missing:
             raise ValueError(f"checkpoint '{path}' lacks {len(missing)} tensors, e.g. {missing[:3]}")
-        for p in self.saved:
+        for p in self.runner.state_params:
             if tuple(arrays[p.name].shape) != tuple(p.shape):
                 raise ValueError(f"checkpoint '{path}': '{p.name}' has shape {arrays[p.name].shape}, expected {p.shape}")
             p.set_data(ms.Tensor(arrays[p.name]))
@@ -157,31 +148,8 @@ class Trainer:
 
     # ---- one optimizer step --------------------------------------------------------------------------------------
     def train_step(self, micro_batches: List[np.ndarray]) -> Dict:
-        cfg = self.cfg
-        accum = len(micro_batches)
-        e = cfg.model.moe.num_experts
-        lr = learning_rate(self.step, cfg.runner_config.train_steps, cfg.lr_schedule)
-        batches = [ms.Tensor(b, ms.int32) for b in micro_batches]
-        tokens_per_micro = micro_batches[0].shape[0] * (micro_batches[0].shape[1] - 1)
-        if cfg.model.moe.balance_loss.type == "global_batch":
-            pooled = sum(self.stats(b).asnumpy() for b in batches)
-            pooled_tokens = float(tokens_per_micro * accum)
-        else:
-            pooled, pooled_tokens = np.zeros((self.num_routes, e), np.float32), 1.0
-        pooled_t = ms.Tensor(np.asarray(pooled, np.float32))
-        scale = ms.Tensor(self.loss_scale / accum, ms.float32)
-        sums = np.zeros(5)
-        counts = np.zeros((self.num_routes, e), np.float32)
-        for b in batches:
-            loss, (lm, mtp, bal, zl, c) = self.micro(b, pooled_t, ms.Tensor(pooled_tokens, ms.float32), scale)
-            sums += [float(loss.asnumpy()) / self.loss_scale, float(lm.asnumpy()) / accum,
-                     float(mtp.asnumpy()) / accum, float(bal.asnumpy()) / accum, float(zl.asnumpy()) / accum]
-            counts += c.asnumpy()
-        norm, finite = self.update(ms.Tensor(lr, ms.float32), ms.Tensor(1.0 / self.loss_scale, ms.float32),
-                                   ms.Tensor(counts))
-        return {"loss": sums[0], "lm_loss": sums[1], "mtp_loss": sums[2], "balance_loss": sums[3], "z_loss": sums[4],
-                "grad_norm": float(norm.asnumpy()), "finite": bool(finite.asnumpy()), "lr": lr, "counts": counts,
-                "tokens": tokens_per_micro * accum}
+        lr = learning_rate(self.step, self.cfg.runner_config.train_steps, self.cfg.lr_schedule)
+        return self.runner.run(micro_batches, lr, self.loss_scale)
 
     def after_step(self, out: Dict) -> None:
         """Skip accounting, float16 loss-scale control and spike counters."""
@@ -191,11 +159,6 @@ class Trainer:
             self.consecutive += 1
             if self.cfg.model.compute_dtype == "float16":
                 self.loss_scale = max(1.0, self.loss_scale / 2)
-            if self.consecutive >= r.max_consecutive_skips:
-                raise TrainingStopped(
-                    f"training stopped at step {self.step}: {self.consecutive} optimizer steps in a row had a "
-                    f"non-finite loss or gradients (last loss {out['loss']}, grad norm {out['grad_norm']}); "
-                    "lower lr_schedule.learning_rate, enable optimizer.grad_clip, or check the data")
             return
         self.consecutive = 0
         self.good += 1
@@ -229,15 +192,16 @@ class Trainer:
         flops_per_token = training_flops_per_token(cfg.model, cfg.train_dataset.seq_length)
         stream = self.data.batches(r.batch_size, self.position, cfg.seed, cfg.train_dataset.shuffle)
         start_step = self.step
+        stop_at = r.train_steps if not self.max_steps_this_run else min(r.train_steps, start_step + self.max_steps_this_run)
         bar = tqdm(total=r.train_steps, initial=self.step, desc="train", unit="step", disable=not self.progress,
                    dynamic_ncols=True)
         if resumed:
             tqdm.write(f"resumed from step {self.step} (epoch {self.position.epoch}, sample {self.position.offset})")
         t_run = time.perf_counter()
         window_tokens, window_time, first_step_s, last_eval = 0, 0.0, None, None
-        recent: List[float] = []
+        recent: List[tuple] = []
         try:
-            while self.step < r.train_steps:
+            while self.step < stop_at:
                 micro = []
                 for _ in range(r.gradient_accumulation_steps):
                     batch, self.position = next(stream)
@@ -252,7 +216,7 @@ class Trainer:
                 else:
                     window_tokens += out["tokens"]
                     window_time += dt
-                recent.append(out["loss"])
+                recent.append((out["loss"], out["lm_loss"]))
                 tps = window_tokens / window_time if window_time else out["tokens"] / dt
                 record = {"kind": "train", "step": self.step, "loss": out["loss"], "lm_loss": out["lm_loss"],
                           "mtp_loss": out["mtp_loss"], "balance_loss": out["balance_loss"], "z_loss": out["z_loss"],
@@ -263,6 +227,11 @@ class Trainer:
                     record.update(self.expert_load(out["counts"]))
                     tqdm.write(self._line(record))
                 writer.write(record)
+                if self.consecutive >= r.max_consecutive_skips:
+                    raise TrainingStopped(
+                        f"training stopped at step {self.step}: {self.consecutive} optimizer steps in a row had a "
+                        f"non-finite loss or gradients (last loss {out['loss']}, grad norm {out['grad_norm']}); "
+                        "lower lr_schedule.learning_rate, enable optimizer.grad_clip, or check the data")
                 bar.set_postfix(loss=f"{out['loss']:.3f}", refresh=False)
                 bar.update(1)
                 if log.eval_interval and (self.step % log.eval_interval == 0 or self.step == r.train_steps):
@@ -270,13 +239,15 @@ class Trainer:
                     if last_eval is not None:
                         writer.write({"kind": "eval", "step": self.step, "eval_loss": last_eval})
                         tqdm.write(f"step {self.step}: eval loss {last_eval:.4f}")
-                if self.step % cfg.checkpoint.save_checkpoint_steps == 0 or self.step == r.train_steps:
+                if self.step % cfg.checkpoint.save_checkpoint_steps == 0 or self.step == stop_at:
                     self.save()
         finally:
             bar.close()
             writer.close()
         summary = {"steps": self.step, "steps_this_run": self.step - start_step,
-                   "final_loss": float(np.mean(recent[-10:])) if recent else None, "eval_loss": last_eval,
+                   "final_loss": float(np.mean([x[0] for x in recent[-10:]])) if recent else None,
+                   "final_lm_loss": float(np.mean([x[1] for x in recent[-10:]])) if recent else None,
+                   "eval_loss": last_eval,
                    "skipped": self.skipped, "loss_spikes": self.loss_spikes.count,
                    "grad_spikes": self.grad_spikes.count, "first_step_s": first_step_s,
                    "tokens_per_s": window_tokens / window_time if window_time else None,
@@ -296,7 +267,8 @@ class Trainer:
 
     @staticmethod
     def _summary(s: Dict) -> str:
-        rows = [("steps", s["steps"]), ("final train loss (last 10)", s["final_loss"]), ("eval loss", s["eval_loss"]),
+        rows = [("steps", s["steps"]), ("train loss, total (last 10)", s["final_loss"]),
+                ("train loss, LM (last 10)", s["final_lm_loss"]), ("eval loss (LM, held out)", s["eval_loss"]),
                 ("steady tokens/s", s["tokens_per_s"]), ("first step (compile) s", s["first_step_s"]),
                 ("wall s", s["wall_s"]), ("skipped steps", s["skipped"]),
                 ("loss / grad spikes", f"{s['loss_spikes']} / {s['grad_spikes']}"), ("output", s["output_dir"])]

@@ -1,0 +1,111 @@
+"""Balance losses against an independent NumPy computation, and their invariances (SPEC: value and gradient must
+not depend on how the same global batch is laid out)."""
+import numpy as np
+import pytest
+import mindspore as ms
+from mindspore import ops
+
+import mindpangu as mp
+from mindpangu.train.losses import balance_loss, cross_entropy
+from mindpangu.train.step import LossNet, MicroStep, RoutingStats, moe_layers
+from conftest import ULTRA_TINY
+
+
+def np_balance(scores, indices, n, k, sigmoid):
+    """alpha-free Switch/Pangu loss on one pool of tokens: N/(K T) * sum_i count_i * mean_t S_it."""
+    s = scores / scores.sum(-1, keepdims=True) if sigmoid else scores
+    t = scores.shape[0]
+    counts = np.bincount(indices.ravel(), minlength=n)
+    return float((n / (k * t) * counts * s.mean(0)).sum())
+
+
+def routing(rng, t, n, k, sigmoid):
+    logits = rng.normal(size=(t, n))
+    scores = 1 / (1 + np.exp(-logits)) if sigmoid else np.exp(logits) / np.exp(logits).sum(-1, keepdims=True)
+    indices = np.argsort(-(scores + rng.normal(0, 0.3, scores.shape)), -1)[:, :k]  # skewed, not exactly top-k
+    return scores.astype(np.float32), indices.astype(np.int32)
+
+
+def ms_balance(scores, indices, n, k, kind, g, sigmoid, pooled=None, pooled_tokens=None):
+    return float(balance_loss(ms.Tensor(scores), ms.Tensor(indices), n, k, kind, g, sigmoid,
+                              None if pooled is None else ms.Tensor(pooled, ms.float32),
+                              None if pooled_tokens is None else ms.Tensor(pooled_tokens, ms.float32)).asnumpy())
+
+
+@pytest.mark.parametrize("sigmoid", [True, False])
+def test_micro_batch_and_ep_group_match_numpy(rng, sigmoid):
+    n, k, t, g = 16, 4, 48, 4
+    scores, indices = routing(rng, t, n, k, sigmoid)
+    # micro_batch over g virtual ranks: each rank's own statistics, averaged
+    want_micro = np.mean([np_balance(scores[r * 12:(r + 1) * 12], indices[r * 12:(r + 1) * 12], n, k, sigmoid)
+                          for r in range(g)])
+    assert ms_balance(scores, indices, n, k, "micro_batch", g, sigmoid) == pytest.approx(want_micro, rel=1e-5)
+    # ep_group over g virtual ranks == micro_batch computed on the pooled g-rank batch (== NumPy on all tokens)
+    pooled = np_balance(scores, indices, n, k, sigmoid)
+    assert ms_balance(scores, indices, n, k, "ep_group", g, sigmoid) == pytest.approx(pooled, rel=1e-5)
+    assert ms_balance(scores, indices, n, k, "micro_batch", 1, sigmoid) == pytest.approx(pooled, rel=1e-5)
+    # ep_group with ep = 1 equals micro_batch
+    assert ms_balance(scores, indices, n, k, "ep_group", 1, sigmoid) == \
+        pytest.approx(ms_balance(scores, indices, n, k, "micro_batch", 1, sigmoid), rel=1e-6)
+    assert abs(want_micro - pooled) > 1e-4  # the pooling level matters on skewed routing
+
+
+def test_balance_gradients_match_numpy(rng):
+    """d/dS of N/(K T) sum_i c_i mean_t S_it is N c_i / (K T^2) for softmax scores (counts carry no gradient)."""
+    n, k, t = 8, 2, 20
+    scores, indices = routing(rng, t, n, k, False)
+    counts = np.bincount(indices.ravel(), minlength=n)
+    want = np.broadcast_to(n * counts / (k * t * t), (t, n))
+    for kind, g in (("ep_group", 4), ("micro_batch", 1), ("ep_group", 1)):
+        grad = ms.grad(lambda s: balance_loss(s, ms.Tensor(indices), n, k, kind, g, False))(ms.Tensor(scores))
+        np.testing.assert_allclose(grad.asnumpy(), want, rtol=1e-5, atol=1e-9)
+
+
+def test_global_batch_matches_numpy(rng):
+    n, k = 8, 2
+    scores, indices = routing(rng, 40, n, k, True)
+    counts = np.bincount(indices.ravel(), minlength=n).astype(np.float32)
+    halves = [ms_balance(scores[i:i + 20], indices[i:i + 20], n, k, "global_batch", 1, True, counts, 40.0)
+              for i in (0, 20)]
+    assert np.mean(halves) == pytest.approx(np_balance(scores, indices, n, k, True), rel=1e-5)
+
+
+def _accumulated(model, cfg, tokens, accum):
+    """Total loss and summed gradients of one global batch split into ``accum`` micro-batches."""
+    params = [p for p in model.get_parameters() if p.requires_grad]
+    micro = MicroStep(LossNet(model, cfg), params)
+    stats = RoutingStats(model, cfg.model.moe.num_experts)
+    parts = np.split(tokens, accum)
+    pooled = sum(stats(ms.Tensor(p)).asnumpy() for p in parts)
+    total = 0.0
+    for p in parts:
+        loss, _ = micro(ms.Tensor(p), ms.Tensor(pooled), ms.Tensor(float(tokens.shape[0] * (tokens.shape[1] - 1)),
+                                                                   ms.float32), ms.Tensor(1.0 / accum, ms.float32))
+        total += float(loss.asnumpy())
+    return total, {p.name: a.asnumpy().copy() for p, a in zip(params, micro.accum)}
+
+
+def test_global_batch_is_invariant_to_accumulation_split(rng):
+    cfg = mp.load_config(ULTRA_TINY, overrides=["model.num_layers=2", "model.hidden_size=64", "model.moe.balance_loss.type=global_batch",
+                                                "model.moe.balance_loss.coeff=1.0"])
+    model = mp.build_model(cfg.model, seed=4)
+    tokens = rng.integers(0, cfg.model.vocab_size, (8, 17)).astype(np.int32)
+    ref_loss, ref_grads = _accumulated(model, cfg, tokens, 1)
+    for accum in (2, 4):
+        loss, grads = _accumulated(model, cfg, tokens, accum)
+        assert loss == pytest.approx(ref_loss, rel=1e-5)
+        for name, g in grads.items():
+            np.testing.assert_allclose(g, ref_grads[name], rtol=2e-4, atol=1e-6, err_msg=name)
+    # the router gradient carries the balance term: without it the gradients differ
+    cfg.model.moe.balance_loss.type = "none"
+    _, plain = _accumulated(model, cfg, tokens, 1)
+    router = "model.layers.1.mlp.gate.weight"
+    assert np.abs(plain[router] - ref_grads[router]).max() > 1e-6
+
+
+def test_cross_entropy_matches_numpy(rng):
+    logits = rng.normal(size=(2, 5, 11)).astype(np.float32)
+    labels = rng.integers(0, 11, (2, 5)).astype(np.int32)
+    lse = np.log(np.exp(logits).sum(-1))
+    want = (lse - np.take_along_axis(logits, labels[..., None], -1)[..., 0]).mean()
+    assert float(cross_entropy(ms.Tensor(logits), ms.Tensor(labels)).asnumpy()) == pytest.approx(want, rel=1e-5)
