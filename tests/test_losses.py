@@ -109,3 +109,28 @@ def test_cross_entropy_matches_numpy(rng):
     lse = np.log(np.exp(logits).sum(-1))
     want = (lse - np.take_along_axis(logits, labels[..., None], -1)[..., 0]).mean()
     assert float(cross_entropy(ms.Tensor(logits), ms.Tensor(labels)).asnumpy()) == pytest.approx(want, rel=1e-5)
+
+
+def test_z_loss_matches_numpy(rng):
+    from mindpangu.train.losses import z_loss
+
+    logits = rng.normal(0, 3, (13, 8)).astype(np.float32)
+    want = (np.log(np.exp(logits.astype(np.float64)).sum(-1)) ** 2).mean()
+    assert float(z_loss(ms.Tensor(logits)).asnumpy()) == pytest.approx(want, rel=1e-5)
+
+
+def test_expert_bias_update_rule(rng):
+    """Aux-loss-free control: b_i += rate * sign(mean load - load_i) after each applied step, not after a skip."""
+    from mindpangu.train.optim import AdamW
+    from mindpangu.train.step import UpdateStep
+
+    w = ms.Parameter(ms.Tensor(np.ones((2, 2), np.float32)), name="w")
+    bias = ms.Parameter(ms.Tensor(np.zeros(4, np.float32)), name="gate.e_score_correction_bias", requires_grad=False)
+    accum = ms.ParameterTuple([w]).clone(prefix="accum", init="zeros")
+    upd = UpdateStep(accum, AdamW([w]), 1.0, [bias], 0.01)
+    counts = np.array([[5.0, 1.0, 3.0, 3.0]], np.float32)  # mean 3
+    upd(ms.Tensor(0.1, ms.float32), ms.Tensor(1.0, ms.float32), ms.Tensor(counts))
+    np.testing.assert_allclose(bias.asnumpy(), [-0.01, 0.01, 0.0, 0.0], atol=1e-7)
+    accum[0].set_data(ms.Tensor(np.full((2, 2), np.nan, np.float32)))
+    upd(ms.Tensor(0.1, ms.float32), ms.Tensor(1.0, ms.float32), ms.Tensor(counts))  # non-finite: skipped
+    np.testing.assert_allclose(bias.asnumpy(), [-0.01, 0.01, 0.0, 0.0], atol=1e-7)

@@ -216,3 +216,22 @@ def test_adamw_matches_numpy_and_skips_non_finite():
     opt(nan, ms.Tensor(0.01, ms.float32), ms.Tensor(False))
     np.testing.assert_array_equal(w.asnumpy(), before)
     assert float(opt.step.asnumpy()) == 3.0
+
+
+def test_float16_compute_trains_with_loss_scaling(tmp_path, monkeypatch):
+    """float16 matmuls with float32 master weights run on CPU; the loss scale is applied and undone."""
+    monkeypatch.setenv("MINDPANGU_CACHE", str(tmp_path / "cache"))
+    cfg = _small_cfg(tmp_path, "model.compute_dtype=float16", "runner_config.loss_scale=1024",
+                     "runner_config.train_steps=4", "context.mode=1")
+    trainer = Trainer(cfg, progress=False)
+    summary = trainer.run()
+    rows = records(tmp_path)
+    assert all(math.isfinite(r["loss"]) for r in rows) and summary["skipped"] == 0
+    assert 3.0 < rows[0]["lm_loss"] < 9.0  # an unscaled loss (log 1024 = 6.9 at init), not 1024 x that
+    assert trainer.loss_scale == 1024
+    assert trainer.model.model.embed_tokens.weight.dtype == ms.float32
+
+
+def test_ep_split_must_divide_the_batch(tmp_path):
+    with pytest.raises(ConfigError, match="runner_config.batch_size"):
+        Trainer(_small_cfg(tmp_path, "parallel_config.expert_parallel=3"), progress=False)

@@ -92,6 +92,11 @@ class Trainer:
         if cfg.context.device_target == "CPU" and m.compute_dtype == "bfloat16":
             raise ConfigError("model.compute_dtype", "bfloat16 matmul does not run on MindSpore's CPU backend",
                               value="bfloat16", allowed="float32 | float16")
+        ep = cfg.parallel_config.expert_parallel
+        if m.moe.balance_loss.type in ("micro_batch", "ep_group") and cfg.runner_config.batch_size % ep:
+            raise ConfigError("runner_config.batch_size", f"must be a multiple of parallel_config.expert_parallel "
+                              f"({ep}): the balance loss splits each micro-batch into {ep} virtual EP ranks",
+                              value=cfg.runner_config.batch_size, allowed=f"a multiple of {ep}")
         ms.set_context(mode=ms.GRAPH_MODE if cfg.context.graph_mode else ms.PYNATIVE_MODE,
                        device_target=cfg.context.device_target)
         ms.set_seed(cfg.seed)
