@@ -1,12 +1,13 @@
 """Command-line entry points (console scripts and tools/*.py): argument parsing and a call into the library.
 
 Bad input (config errors, missing files, mismatched weights) is printed as one line on stderr with exit code 2,
-never as a traceback.
+never as a traceback (set MINDPANGU_DEBUG=1 to see the traceback as well).
 """
 from __future__ import annotations
 
 import argparse
 import functools
+import os
 import sys
 
 from .config import ConfigError
@@ -18,6 +19,8 @@ def _friendly(fn):
         try:
             return fn(argv)
         except (ConfigError, FileNotFoundError, ValueError) as e:
+            if os.environ.get("MINDPANGU_DEBUG"):
+                raise
             print(f"error: {e}", file=sys.stderr)
             sys.exit(2)
     return wrapper
@@ -37,7 +40,7 @@ def train_main(argv=None):
     p.add_argument("--no-progress", action="store_true", help="no progress bar (logs only)")
     p.add_argument("--max-steps-this-run", type=int, default=None,
                    help="stop (with a checkpoint) after this many steps; --resume continues (time-limited jobs)")
-    args = p.parse_args(argv)
+    args = p.parse_intermixed_args(argv)
     from .config import load_config
     from .train.trainer import Trainer, TrainingStopped
 
@@ -60,7 +63,7 @@ def preprocess_main(argv=None):
     p.add_argument("--tokenizer", default="byte", help="'byte' or a Hugging Face tokenizer.json")
     p.add_argument("--text-key", default="text", help="JSONL field holding the text")
     p.add_argument("--shards", type=int, default=1)
-    args = p.parse_args(argv)
+    args = p.parse_intermixed_args(argv)
     from .data.mindrecord import preprocess
     from .data.tokenizer import load_tokenizer
 
@@ -76,7 +79,7 @@ def param_count_main(argv=None):
     p = argparse.ArgumentParser(prog="mindpangu-params", description=param_count_main.__doc__)
     _config_args(p)
     p.add_argument("--forward", action="store_true", help="also build the model and run one forward pass")
-    args = p.parse_args(argv)
+    args = p.parse_intermixed_args(argv)
     from .config import load_config
     from .params import count_parameters, format_table
 
@@ -132,7 +135,7 @@ def imbalance_mc_main(argv=None):
     p.add_argument("--groups", type=int, default=8, help="M, devices (= MoGE groups)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--png", default="imbalance_mc.png", help="histogram output ('' to skip)")
-    args = p.parse_args(argv)
+    args = p.parse_intermixed_args(argv)
     from .imbalance_mc import run
 
     summary = run(args.trials, args.tokens, args.experts, args.k, args.groups, args.seed, args.png)
@@ -152,7 +155,7 @@ def bench_main(argv=None):
     p.add_argument("--batch", type=int, default=None, help="default: runner_config.batch_size")
     p.add_argument("--seq", type=int, default=None, help="default: train_dataset.seq_length")
     p.add_argument("--repeats", type=int, default=10)
-    args = p.parse_args(argv)
+    args = p.parse_intermixed_args(argv)
     from .bench import bench_forward, bench_train
     from .config import load_config
 

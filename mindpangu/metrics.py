@@ -11,15 +11,27 @@ from typing import Dict
 import numpy as np
 
 
+def loads_per_device(expert_counts: np.ndarray, num_devices: int) -> np.ndarray:
+    """T_i from per-expert counts [..., E]: experts split into equal contiguous blocks over devices -> [..., M]."""
+    c = np.asarray(expert_counts)
+    e = c.shape[-1]
+    if e % num_devices:
+        raise ValueError(f"{num_devices} devices cannot hold {e} experts in equal contiguous blocks")
+    return c.reshape(*c.shape[:-1], num_devices, e // num_devices).sum(-1)
+
+
+def imbalance_from_counts(expert_counts: np.ndarray, tokens, num_devices: int) -> np.ndarray:
+    """IS = (max_i T_i - min_i T_i) / |X| from per-expert counts [..., E] of a batch of ``tokens`` tokens."""
+    loads = loads_per_device(expert_counts, num_devices)
+    return (loads.max(-1) - loads.min(-1)) / np.asarray(tokens)
+
+
 def device_loads(indices: np.ndarray, num_experts: int, num_devices: int) -> np.ndarray:
     """T_i: routed pairs per device. indices [..., T, K] -> [..., M] (experts split contiguously over devices)."""
-    if num_experts % num_devices:
-        raise ValueError(f"{num_devices} devices cannot hold {num_experts} experts in equal contiguous blocks")
-    device = np.asarray(indices) // (num_experts // num_devices)
-    lead = device.shape[:-2]
-    flat = device.reshape(-1, device.shape[-2] * device.shape[-1])
-    loads = np.stack([np.bincount(row, minlength=num_devices) for row in flat])
-    return loads.reshape(*lead, num_devices)
+    idx = np.asarray(indices)
+    flat = idx.reshape(-1, idx.shape[-2] * idx.shape[-1])
+    counts = np.stack([np.bincount(row, minlength=num_experts) for row in flat])
+    return loads_per_device(counts.reshape(*idx.shape[:-2], num_experts), num_devices)
 
 
 def imbalance_score(indices: np.ndarray, num_experts: int, num_devices: int) -> np.ndarray:

@@ -150,3 +150,11 @@ def test_imbalance_tool_writes_png(tmp_path):
                            "--png", str(png)], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     assert "MoGE   mean IS 0.0000" in proc.stdout and png.stat().st_size > 1000
+
+
+def test_imbalance_from_counts_matches_indices(rng):
+    from mindpangu.metrics import imbalance_from_counts
+
+    idx = np.stack([rng.choice(16, 4, replace=False) for _ in range(10)])
+    counts = np.bincount(idx.ravel(), minlength=16)
+    assert imbalance_from_counts(counts, 10, 4) == pytest.approx(imbalance_score(idx, 16, 4))

@@ -13,6 +13,7 @@ from tqdm import tqdm
 from ..config import ConfigError, TrainConfig
 from ..data.mindrecord import JSONL_SUFFIXES, TEXT_SUFFIXES, PackedDataset, Position, cached_dataset
 from ..data.tokenizer import load_tokenizer
+from ..metrics import expert_load_stats, imbalance_from_counts
 from ..models import build_model
 from . import checkpoint as ckpt
 from .losses import cross_entropy
@@ -180,13 +181,10 @@ class Trainer:
 
     def expert_load(self, counts: np.ndarray) -> Dict:
         """Per MoE layer: max/mean expert load and the device imbalance score."""
-        devices = imbalance_devices(self.cfg)
-        e = counts.shape[1]
         tokens = counts.sum(1) / self.cfg.model.moe.num_experts_per_tok
-        per_device = counts.reshape(counts.shape[0], devices, e // devices).sum(2)
-        return {"load_max_over_mean": [round(float(x), 4) for x in counts.max(1) / np.maximum(counts.mean(1), 1e-9)],
+        return {"load_max_over_mean": [round(expert_load_stats(c)["max_over_mean"], 4) for c in counts],
                 "imbalance_score": [round(float(x), 4) for x in
-                                    (per_device.max(1) - per_device.min(1)) / np.maximum(tokens, 1)]}
+                                    imbalance_from_counts(counts, np.maximum(tokens, 1), imbalance_devices(self.cfg))]}
 
     # ---- the loop ----------------------------------------------------------------------------------------------
     def run(self) -> Dict:
