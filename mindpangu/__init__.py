@@ -1,4 +1,10 @@
 """mindpangu: Pangu Ultra MoE and Pangu Pro MoE on MindSpore."""
+import os
+
+# MindSpore's CPU backend logs many harmless [WARNING] lines (graph analyzer notes, missing Ascend symbols);
+# show errors only unless the user set GLOG_v (2 = warnings).
+os.environ.setdefault("GLOG_v", "3")
+
 from .config import ConfigError, load_config
 from .models import build_model
 from .params import count_parameters
