@@ -79,9 +79,12 @@ class MoEConfig(Section):
                                           aliases=("moe_router_topk_scaling_factor",))
     router_scale: bool = option(False, "Learned per-expert scale [1, num_experts] on the chosen weights, "
                                        "initialised to 1 (Pro MoE's router_scale).")
-    dispatch_backend: str = option("auto", "Token permute/unpermute implementation. reference: composite "
-                                           "MindSpore ops (static shapes, dropless). auto picks the fastest "
-                                           "available on the device.", choices=("auto", "reference"))
+    dispatch_backend: str = option("auto", "Gating and token permute/unpermute implementation. reference: "
+                                           "composite MindSpore ops (static shapes, dropless, any device). "
+                                           "cpu_kernel: the C++ aot kernels of ops/cpu (CPU). ascend: MindSpore's "
+                                           "fused Ascend MoE ops (not implemented yet). auto: cpu_kernel on CPU "
+                                           "when it builds, else reference.",
+                                   choices=("auto", "reference", "cpu_kernel", "ascend"))
     balance_loss: BalanceLossConfig = option(BalanceLossConfig(), "Load-balancing loss.")
 
     def validate(self, path, origins):

@@ -53,7 +53,8 @@ class GroupedExperts(nn.Cell):
     The stacking is the HF per-expert ``experts.J.{gate,up,down}_proj.weight`` along a new first axis.
     """
 
-    def __init__(self, num_experts: int, hidden: int, intermediate: int, compute_dtype: str = "float32"):
+    def __init__(self, num_experts: int, hidden: int, intermediate: int, compute_dtype: str = "float32",
+                 backend: str = "reference"):
         super().__init__()
         self.num_experts, self.hidden, self.intermediate = num_experts, hidden, intermediate
         self.gate_proj = Parameter(Tensor(np.zeros((num_experts, intermediate, hidden), np.float32)),
@@ -64,23 +65,36 @@ class GroupedExperts(nn.Cell):
         self.bmm_t = ops.BatchMatMul(transpose_b=True)
         self.cast_needed = compute_dtype != "float32"
         self.dtype = ms_dtype(compute_dtype)
+        self.use_kernel = backend == "cpu_kernel"
+        if self.use_kernel:
+            from .kernels import make_permute, make_unpermute
+
+            self.permute, self.unpermute = make_permute(num_experts), make_unpermute()
 
     def construct(self, x, weights, indices):
         """x [T, H], weights [T, K] float32, indices [T, K] int32 -> [T, H]."""
         t, k = indices.shape
-        rows = t * k
-        block = block_size(rows, self.num_experts)
-        slot_of_row, row_of_slot, block_expert, _ = permute_plan(indices, self.num_experts, block)
+        block = block_size(t * k, self.num_experts)
+        if self.use_kernel:
+            xs, slot_of_row, block_expert, _ = self.permute(x, indices)
+        else:
+            slot_of_row, row_of_slot, block_expert, _ = permute_plan(indices, self.num_experts, block)
+            x_ext = ops.concat((x, ops.zeros((1, self.hidden), x.dtype)), 0)
+            xs = ops.gather(x_ext, row_of_slot // k, 0)  # padding rows (== rows) map to the zero row t
+        ys = self.run_experts(xs, block_expert, block)
+        if self.use_kernel:
+            return self.unpermute(ys, slot_of_row, weights)
+        y_rows = ops.gather(ys, slot_of_row, 0).reshape(t, k, self.hidden)
+        return (y_rows * weights.reshape(t, k, 1)).sum(1)
+
+    def run_experts(self, xs, block_expert, block: int):
+        """Permuted rows [S, H] in blocks of one expert each -> expert outputs [S, H] (one batched matmul)."""
         num_blocks = block_expert.shape[0]
-        x_ext = ops.concat((x, ops.zeros((1, self.hidden), x.dtype)), 0)
-        token_of_slot = row_of_slot // k  # padding rows (== rows) map to the zero row t
-        xs = ops.gather(x_ext, token_of_slot, 0).reshape(num_blocks, block, self.hidden)
+        xs = xs.reshape(num_blocks, block, self.hidden)
         wg = ops.gather(self.gate_proj, block_expert, 0)
         wu = ops.gather(self.up_proj, block_expert, 0)
         wd = ops.gather(self.down_proj, block_expert, 0)
         if self.cast_needed:
             xs, wg, wu, wd = xs.astype(self.dtype), wg.astype(self.dtype), wu.astype(self.dtype), wd.astype(self.dtype)
         h = ops.silu(self.bmm_t(xs, wg)) * self.bmm_t(xs, wu)
-        ys = self.bmm_t(h, wd).astype(ms.float32).reshape(num_blocks * block, self.hidden)
-        y_rows = ops.gather(ys, slot_of_row, 0).reshape(t, k, self.hidden)
-        return (y_rows * weights.reshape(t, k, 1)).sum(1)
+        return self.bmm_t(h, wd).astype(ms.float32).reshape(num_blocks * block, self.hidden)

@@ -22,11 +22,14 @@ class MoELayer(nn.Cell):
                  shared_name: str = "shared_experts"):
         super().__init__()
         self.hidden = hidden
-        self.gate = Router(hidden, cfg)
+        from .kernels import resolve_backend
+
+        self.backend = resolve_backend(cfg.dispatch_backend)
+        self.gate = Router(hidden, cfg, self.backend)
         self.use_router_scale = cfg.router_scale
         if self.use_router_scale:
             self.router_scale = Parameter(Tensor(np.ones((1, cfg.num_experts), np.float32)), name="router_scale")
-        self.experts = GroupedExperts(cfg.num_experts, hidden, cfg.intermediate_size, compute_dtype)
+        self.experts = GroupedExperts(cfg.num_experts, hidden, cfg.intermediate_size, compute_dtype, self.backend)
         shared = cfg.shared_expert_intermediate_size or cfg.num_shared_experts * cfg.intermediate_size
         self.has_shared = cfg.num_shared_experts > 0
         self.shared_name = shared_name

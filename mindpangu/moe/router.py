@@ -28,7 +28,7 @@ class Router(nn.Cell):
     no renormalisation (the MoE layer then multiplies Pro MoE's learned router_scale[expert]).
     """
 
-    def __init__(self, hidden: int, cfg: MoEConfig):
+    def __init__(self, hidden: int, cfg: MoEConfig, backend: str = "reference"):
         super().__init__()
         self.cfg = cfg
         self.num_experts, self.top_k = cfg.num_experts, cfg.num_experts_per_tok
@@ -47,9 +47,21 @@ class Router(nn.Cell):
         if self.moge:
             offsets = np.arange(cfg.num_groups, dtype=np.int32).reshape(1, -1, 1) * self.per_group
             self.group_offsets = Tensor(offsets)
+        self.use_kernel = backend == "cpu_kernel"
+        if self.use_kernel:
+            from .kernels import gating_config, make_gating
+
+            self.kernel = make_gating(self.top_k)
+            self.kernel_config = gating_config(self.moge, not self.softmax_scores, self.normalise, self.scaling,
+                                               self.groups)
+            self.no_bias = Tensor(np.zeros((cfg.num_experts,), np.float32))
 
     def construct(self, x):
         logits = ops.matmul(x.astype(ms.float32), self.weight.astype(ms.float32).T)  # [T, E]
+        if self.use_kernel:
+            bias = self.e_score_correction_bias if self.use_bias else self.no_bias
+            weights, indices, scores, counts = self.kernel(logits, bias, self.kernel_config)
+            return weights, indices, scores, logits, counts
         scores = ops.softmax(logits, -1) if self.softmax_scores else ops.sigmoid(logits)
         choice = scores
         if self.use_bias:
