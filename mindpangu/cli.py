@@ -148,17 +148,26 @@ def imbalance_mc_main(argv=None):
 
 @_friendly
 def bench_main(argv=None):
-    """Benchmarks: ``forward`` (tokens/s in GRAPH and PYNATIVE mode), ``train`` (step time, tokens/s, MFU)."""
+    """Benchmarks: ``forward`` (tokens/s in GRAPH and PYNATIVE mode), ``train`` (step time, tokens/s, MFU),
+    ``ops`` (the C++ MoE kernels against the composite path)."""
     p = argparse.ArgumentParser(prog="mindpangu-bench", description=bench_main.__doc__)
-    p.add_argument("what", choices=["forward", "train"])
-    _config_args(p)
+    p.add_argument("what", choices=["forward", "train", "ops"])
+    p.add_argument("--config", help="YAML recipe (forward, train)")
+    p.add_argument("overrides", nargs="*", help="key.path=value overrides")
+    p.add_argument("--tokens", type=int, nargs="+", default=[1024, 8192, 32768], help="ops: token counts")
+    p.add_argument("--experts", type=int, nargs="+", default=[64, 256], help="ops: expert counts")
     p.add_argument("--batch", type=int, default=None, help="default: runner_config.batch_size")
     p.add_argument("--seq", type=int, default=None, help="default: train_dataset.seq_length")
     p.add_argument("--repeats", type=int, default=10)
     args = p.parse_intermixed_args(argv)
-    from .bench import bench_forward, bench_train
+    from .bench import bench_forward, bench_ops, bench_train
     from .config import load_config
 
+    if args.what == "ops":
+        bench_ops(tuple(args.tokens), tuple(args.experts), repeats=min(args.repeats, 5))
+        return
+    if not args.config:
+        p.error(f"{args.what} needs --config")
     cfg = load_config(args.config, args.overrides)
     if args.what == "train":
         bench_train(cfg, args.repeats)

@@ -58,6 +58,10 @@ class Router(nn.Cell):
 
     def construct(self, x):
         logits = ops.matmul(x.astype(ms.float32), self.weight.astype(ms.float32).T)  # [T, E]
+        return self.route(logits)
+
+    def route(self, logits):
+        """Router logits [T, E] -> (weights, indices, scores, logits, counts)."""
         if self.use_kernel:
             bias = self.e_score_correction_bias if self.use_bias else self.no_bias
             weights, indices, scores, counts = self.kernel(logits, bias, self.kernel_config)
@@ -68,7 +72,7 @@ class Router(nn.Cell):
             choice = scores + self.e_score_correction_bias
         choice = ops.stop_gradient(choice)
         if self.moge:
-            t = x.shape[0]
+            t = logits.shape[0]
             grouped = choice.reshape(t, self.groups, self.per_group)
             _, local = ops.topk(grouped, self.k_per_group, -1)
             indices = (local + self.group_offsets).reshape(t, self.top_k)
