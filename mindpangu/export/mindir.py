@@ -15,7 +15,7 @@ import numpy as np
 import mindspore as ms
 from mindspore import nn
 
-from ..moe.kernels import kernel_library
+from ..moe.kernels import kernel_library, resolve_backend
 
 
 def with_backend(model, backend: str):
@@ -36,7 +36,7 @@ def export_mindir(model, path: str, batch: Optional[int] = None, seq: Optional[i
     Static shapes keep the model's backend (C++ kernels on CPU); a dynamic axis switches to the reference path.
     """
     dynamic = batch is None or seq is None
-    backend = model.model.layers[-1].mlp.backend if hasattr(model.model.layers[-1].mlp, "backend") else "reference"
+    backend = resolve_backend(model.config.moe.dispatch_backend)
     if dynamic and backend == "cpu_kernel":
         model, backend = with_backend(model, "reference"), "reference"
     if dynamic:
