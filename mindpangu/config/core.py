@@ -245,19 +245,3 @@ def _check_bounds(f: dataclasses.Field, val: Any, key: str, where: str) -> None:
         b = m.get(bound)
         if b is not None and isinstance(val, (int, float)) and not ok(val, b):
             raise ConfigError(key, "out of range", value=val, where=where, allowed=f"a number {text} {b}")
-
-
-def describe(cls: type, prefix: str = "") -> list:
-    """(key path, default, doc) rows for every field of a section, nested sections included."""
-    rows = []
-    hints = typing.get_type_hints(cls)
-    for f in dataclasses.fields(cls):
-        tp = hints[f.name]
-        key = f"{prefix}{f.name}"
-        if isinstance(tp, type) and issubclass(tp, Section):
-            rows.extend(describe(tp, key + "."))
-        else:
-            default = f.default if f.default is not _MISSING else (
-                f.default_factory() if f.default_factory is not _MISSING else "<required>")
-            rows.append((key, default, f.metadata.get("doc", "")))
-    return rows

@@ -226,10 +226,3 @@ def model_config_from_dict(data: Dict[str, Any], *, strict: bool = True,
     data = canonicalize(ModelConfig, copy.deepcopy(data), "model", origins)
     return build_section(ModelConfig, data, "model", origins, strict=strict, ignored=ignored)
 
-
-def dump_config(cfg: Section, path: str) -> None:
-    """Write a config back to YAML (atomically)."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as fh:
-        yaml.safe_dump(cfg.to_dict(), fh, sort_keys=False)
-    os.replace(tmp, path)

@@ -19,12 +19,12 @@ import json
 import logging
 import os
 import re
-import shutil
 from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 
 from ..config import ConfigError, ModelConfig, model_config_from_dict
+from ..fsutil import replace_dir
 
 log = logging.getLogger(__name__)
 
@@ -286,10 +286,4 @@ def save_hf_directory(model, cfg: ModelConfig, path: str) -> None:
     save_file(internal_to_hf(params, cfg), os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
     with open(os.path.join(tmp, "config.json"), "w", encoding="utf-8") as fh:
         json.dump(config_to_hf(cfg), fh, indent=2)
-    if os.path.isdir(path):
-        old = f"{path.rstrip(os.sep)}.old{os.getpid()}"
-        os.replace(path, old)
-        os.replace(tmp, path)
-        shutil.rmtree(old)
-    else:
-        os.replace(tmp, path)
+    replace_dir(tmp, path)

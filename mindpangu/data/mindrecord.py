@@ -18,6 +18,8 @@ from typing import Iterator, List, Sequence, Tuple
 
 import numpy as np
 
+from ..fsutil import replace_dir
+
 METADATA = "metadata.json"
 TEXT_SUFFIXES = (".txt", ".text", ".md")
 JSONL_SUFFIXES = (".jsonl", ".json")
@@ -82,9 +84,7 @@ def preprocess(inputs: Sequence[str], tokenizer, seq_length: int, out_dir: str, 
             "fingerprint": _fingerprint(inputs, tokenizer.name, seq_length), "sources": [os.path.abspath(p) for p in inputs]}
     with open(os.path.join(tmp, METADATA), "w", encoding="utf-8") as fh:
         json.dump(meta, fh, indent=2)
-    if os.path.isdir(out_dir):
-        shutil.rmtree(out_dir)
-    os.replace(tmp, out_dir)
+    replace_dir(tmp, out_dir)
     return meta
 
 

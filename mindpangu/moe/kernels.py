@@ -18,21 +18,19 @@ import numpy as np
 import mindspore as ms
 from mindspore import Tensor, ops
 
+from ..fsutil import cache_root
+
 SOURCE = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "ops", "cpu",
                       "moe_kernels.cc")
 FLAGS = ["-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-pthread", "-D_GLIBCXX_USE_CXX11_ABI=0"]
 _LIBRARY: dict = {}
 
 
-def _cache_root() -> str:
-    return os.environ.get("MINDPANGU_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "mindpangu"))
-
-
 def build_library(source: str = SOURCE, compiler: str = "g++") -> str:
     """Compile ``source`` into the kernel cache (once per source hash and flags) and return the .so path."""
     with open(source, "rb") as fh:
         digest = hashlib.sha256(fh.read() + " ".join(FLAGS).encode()).hexdigest()[:16]
-    out_dir = os.path.join(_cache_root(), "kernels", digest)
+    out_dir = os.path.join(cache_root(), "kernels", digest)
     lib = os.path.join(out_dir, "libmindpangu_moe.so")
     if not os.path.isfile(lib):
         os.makedirs(out_dir, exist_ok=True)
@@ -54,7 +52,7 @@ def kernel_library(required: bool = False) -> Optional[str]:
         if shutil.which("g++") is None:
             raise RuntimeError("no C++ compiler (g++) on PATH")
         path = build_library()
-        root = os.path.realpath(os.path.join(_cache_root(), "kernels"))
+        root = os.path.realpath(os.path.join(cache_root(), "kernels"))
         allowed = os.environ.setdefault("MS_CUSTOM_AOT_WHITE_LIST", root)
         if not os.path.realpath(path).startswith(os.path.realpath(allowed)):
             raise RuntimeError(f"MS_CUSTOM_AOT_WHITE_LIST={allowed} does not include the kernel cache {root}")

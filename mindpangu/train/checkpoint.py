@@ -16,6 +16,8 @@ from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 
+from ..fsutil import replace_dir
+
 _NAME = re.compile(r"^step_(\d{8})$")
 # Test hook: seconds to sleep after writing the files and before the rename (to kill a process mid-save).
 FAULT_DELAY_ENV = "MINDPANGU_FAULT_SAVE_DELAY"
@@ -48,13 +50,11 @@ def save(root: str, step: int, params, state: Dict, keep: int) -> str:
     delay = float(os.environ.get(FAULT_DELAY_ENV, "0") or 0)
     if delay:
         time.sleep(delay)
-    if os.path.isdir(final):
-        shutil.rmtree(final)
-    os.replace(tmp, final)
+    replace_dir(tmp, final)
     for _, old in checkpoint_dirs(root)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     for name in os.listdir(root):  # leftovers of saves that were killed
-        if ".tmp" in name and not name.endswith(f".tmp{os.getpid()}"):
+        if (".tmp" in name or ".old" in name) and not name.endswith((f".tmp{os.getpid()}", f".old{os.getpid()}")):
             shutil.rmtree(os.path.join(root, name), ignore_errors=True)
     return final
 

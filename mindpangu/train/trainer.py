@@ -13,6 +13,7 @@ from tqdm import tqdm
 from ..config import ConfigError, TrainConfig
 from ..data.mindrecord import JSONL_SUFFIXES, TEXT_SUFFIXES, PackedDataset, Position, cached_dataset
 from ..data.tokenizer import load_tokenizer
+from ..fsutil import cache_root
 from ..metrics import expert_load_stats, imbalance_from_counts
 from ..models import build_model
 from . import checkpoint as ckpt
@@ -25,10 +26,6 @@ from .step import StepRunner
 
 class TrainingStopped(RuntimeError):
     """Training cannot go on (e.g. too many non-finite steps in a row)."""
-
-
-def cache_root() -> str:
-    return os.environ.get("MINDPANGU_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "mindpangu"))
 
 
 def open_dataset(cfg: TrainConfig, vocab_size: int) -> PackedDataset:

@@ -1,0 +1,22 @@
+"""File-system helpers shared by every writer: the cache location and the atomic directory swap."""
+from __future__ import annotations
+
+import os
+import shutil
+
+
+def cache_root() -> str:
+    """Where built kernels and preprocessed datasets are cached: $MINDPANGU_CACHE or ~/.cache/mindpangu."""
+    return os.environ.get("MINDPANGU_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "mindpangu"))
+
+
+def replace_dir(tmp: str, final: str) -> None:
+    """Move the finished directory ``tmp`` to ``final``; an existing ``final`` is set aside first and deleted only
+    after the swap, so at every moment one complete version exists."""
+    if os.path.isdir(final):
+        old = f"{final.rstrip(os.sep)}.old{os.getpid()}"
+        os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old)
+    else:
+        os.replace(tmp, final)
