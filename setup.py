@@ -34,6 +34,8 @@ setup(
             "mindpangu-convert=mindpangu.cli:convert_main",
             "mindpangu-bench=mindpangu.cli:bench_main",
             "mindpangu-imbalance-mc=mindpangu.cli:imbalance_mc_main",
+            "mindpangu-export=mindpangu.cli:export_main",
+            "mindpangu-generate=mindpangu.cli:generate_main",
         ],
     },
 )

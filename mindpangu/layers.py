@@ -86,8 +86,11 @@ class Rotary(nn.Cell):
         self.interleave, self.half = interleave, dim // 2
 
     def construct(self, x, positions):
-        cos = ops.gather(self.cos, positions, 0)  # [S, dim/2]
+        """x [..., S, dim]; positions [S] (shared by the batch) or [B, S] (per sequence, x [B, heads, S, dim])."""
+        cos = ops.gather(self.cos, positions, 0)  # [S, dim/2] or [B, S, dim/2]
         sin = ops.gather(self.sin, positions, 0)
+        if positions.ndim == 2:
+            cos, sin = cos.expand_dims(1), sin.expand_dims(1)
         if self.interleave:
             x1, x2 = x[..., 0::2], x[..., 1::2]
         else:
@@ -113,6 +116,20 @@ def causal_mask(q_len: int, k_len: int):
     q = ops.arange(k_len - q_len, k_len).reshape(q_len, 1)
     k = ops.arange(0, k_len).reshape(1, k_len)
     return ops.cast(k > q, ms.float32) * -1e9
+
+
+def positions_mask(positions, cache_len: int):
+    """Additive mask [B, Q, cache_len] for queries at absolute ``positions [B, Q]``: key j is seen iff j <= position."""
+    keys = ops.arange(0, cache_len).astype(ms.int32).reshape(1, 1, cache_len)
+    return ops.cast(keys > positions.expand_dims(-1), ms.float32) * -1e9
+
+
+def cache_write(cache, entries, positions):
+    """cache [B, M, D] with ``entries [B, Q, D]`` written at ``positions [B, Q]`` (a one-hot matmul: exact in fp32,
+    static shapes, and a rejected speculative token is simply overwritten by the next write)."""
+    onehot = ops.one_hot(positions, cache.shape[1], Tensor(1.0, ms.float32), Tensor(0.0, ms.float32))  # [B, Q, M]
+    keep = 1.0 - onehot.sum(1)
+    return cache * keep.expand_dims(-1) + ops.matmul(onehot.transpose(0, 2, 1), entries.astype(ms.float32))
 
 
 def attention_probs(scores, mask):

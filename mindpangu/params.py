@@ -110,3 +110,18 @@ def format_table(counts: Dict[str, object]) -> str:
     rows.append(f"  = {human(counts['total'])} total, {human(counts['active'])} active; convention: "
                 f"{counts['convention']}")
     return "\n".join(rows)
+
+
+def kv_cache_bytes_per_token(cfg: ModelConfig, bytes_per_value: int = 2) -> Dict[str, int]:
+    """Attention-cache bytes per token over the main layers: ``cached`` (what mindpangu's decode keeps: the MLA
+    latent kv_lora_rank + qk_rope_head_dim, or GQA's K and V) and ``full_kv`` (per-head K and V, what a
+    multi-head cache without MLA's compression would hold)."""
+    n, layers = cfg.num_attention_heads, cfg.num_layers
+    if cfg.type == "pangu_pro_moe":
+        d = cfg.head_dim or cfg.hidden_size // n
+        cached = 2 * (cfg.num_key_value_heads or n) * d
+        full = 2 * n * d
+    else:
+        cached = cfg.kv_lora_rank + cfg.qk_rope_head_dim
+        full = n * (cfg.qk_nope_head_dim + cfg.qk_rope_head_dim + cfg.v_head_dim)
+    return {"cached": layers * cached * bytes_per_value, "full_kv": layers * full * bytes_per_value}

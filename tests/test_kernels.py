@@ -108,3 +108,21 @@ def test_training_losses_match_reference(rng, recipe):
 def test_backend_choice_errors():
     with pytest.raises(ValueError, match="not implemented yet"):
         mp.build_model(mp.load_config(ULTRA_TINY, overrides=["model.moe.dispatch_backend=ascend"]).model)
+
+
+def test_ops_of_different_configs_on_the_same_shapes_do_not_share_a_kernel(rng):
+    """PyNative caches launched aot kernels by name and input shapes: a top-2 op must not reuse a top-4 kernel."""
+    from mindpangu.moe.kernels import gating_config, make_gating, make_permute
+
+    logits = ms.Tensor(rng.standard_normal((18, 8)).astype(np.float32))
+    bias = ms.Tensor(np.zeros(8, np.float32))
+    for k in (2, 4, 2):
+        weights, indices, _, _ = make_gating(k)(logits, bias, gating_config(True, False, False, 1.0, k))
+        expected = np.sort(np.argsort(-logits.asnumpy().reshape(18, k, 8 // k), -1)[..., 0] +
+                           np.arange(k) * (8 // k), -1)
+        np.testing.assert_array_equal(np.sort(indices.asnumpy(), -1), expected)
+    x = ms.Tensor(rng.standard_normal((6, 4)).astype(np.float32))
+    idx = ms.Tensor(np.zeros((6, 2), np.int32))
+    for e in (4, 8):
+        _, _, block_expert, counts = make_permute(e)(x, idx)
+        assert counts.shape == (e,) and counts.asnumpy()[0] == 12

@@ -63,6 +63,14 @@ def test_recipe_learns_the_corpus(tmp_path, recipe):
                                         "mfu", "load_max_over_mean", "imbalance_score", "loss_spikes"))
     assert "training summary" in proc.stdout
     assert os.listdir(tmp_path / "tensorboard")
+    if recipe == ULTRA_TINY:  # the trained MTP layer drafts tokens the main model accepts
+        gen = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "generate.py"), "--config", recipe,
+                              "--ckpt", str(tmp_path), "--prompt", "ROMEO:", "--max-new-tokens", "32",
+                              "--speculative"], capture_output=True, text=True)
+        assert gen.returncode == 0, gen.stderr[-3000:]
+        rate = float(gen.stdout.split("acceptance ")[1].split("%")[0]) / 100
+        print(gen.stdout)
+        assert rate > 0.3 and "identical to greedy: True" in gen.stdout
 
 
 def _small_cfg(tmp_path, *extra):

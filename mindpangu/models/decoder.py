@@ -31,13 +31,23 @@ class DecoderLayer(nn.Cell):
         else:
             self.mlp = SwiGLU(h, cfg.intermediate_size, cfg.compute_dtype)
 
-    def block(self, h):
-        """h [B, S, H] -> (h, router outputs or None)."""
+    def block(self, h, positions=None, cache=None):
+        """h [B, S, H] -> (h, router outputs or None, attention cache).
+
+        Without a cache: causal attention over h, and the cache is this layer's entries for h [B, S, D]
+        (prefill). With ``cache [B, M, D]``: h is S new tokens at ``positions [B, S]``, written into the cache
+        and attending to everything cached up to their position (decode).
+        """
+        x = self.input_layernorm(h)
+        if cache is None:
+            a, cache = self.self_attn.prefill(x)
+        else:
+            a, cache = self.self_attn.decode(x, positions, cache)
         if self.sandwich:
-            h = h + self.post_attention_layernorm(self.self_attn(self.input_layernorm(h)))
+            h = h + self.post_attention_layernorm(a)
             x = self.pre_mlp_layernorm(h)
         else:
-            h = h + self.self_attn(self.input_layernorm(h))
+            h = h + a
             x = self.post_attention_layernorm(h)
         route = None
         if self.is_moe:
@@ -46,10 +56,11 @@ class DecoderLayer(nn.Cell):
             y = self.mlp(x)
         if self.sandwich:
             y = self.post_mlp_layernorm(y)
-        return h + y, route
+        return h + y, route, cache
 
     def construct(self, h):
-        return self.block(h)
+        h, route, _ = self.block(h)
+        return h, route
 
 
 class MTPHead(nn.Cell):
@@ -78,10 +89,11 @@ class MTPLayer(DecoderLayer):
         self.eh_proj = Linear(2 * h, h, False, cfg.compute_dtype)
         self.shared_head = MTPHead(cfg)
 
-    def construct(self, h, next_embeds):
+    def construct(self, h, next_embeds, positions=None, cache=None):
+        """-> (residual out, normed head input, router outputs or None, attention cache); see ``block``."""
         x = self.eh_proj(ops.concat((self.enorm(next_embeds), self.hnorm(h)), -1))
-        out, route = self.block(x)
-        return out, self.shared_head(out), route
+        out, route, cache = self.block(x, positions, cache)
+        return out, self.shared_head(out), route, cache
 
 
 class DecoderModel(nn.Cell):
@@ -105,6 +117,21 @@ class DecoderModel(nn.Cell):
             if route is not None:
                 routes = routes + (route,)
         return self.norm(h), h, routes
+
+    def cached(self, input_ids, positions=None, caches=None):
+        """Inference with the attention cache of every layer stacked as ``caches [L, B, M, D]``.
+
+        No caches: prefill of input_ids [B, S] -> (normed [B,S,H], residual [B,S,H], caches [L, B, S, D]).
+        With caches: decode of S new tokens at ``positions [B, S]`` -> the same, caches updated in place of M.
+        """
+        h = self.embed_tokens(input_ids)
+        new_caches = ()
+        i = 0
+        for layer in self.layers:
+            h, _, cache = layer.block(h, positions, None if caches is None else caches[i])
+            new_caches = new_caches + (cache,)
+            i += 1
+        return self.norm(h), h, ops.stack(new_caches)
 
 
 class CausalLM(nn.Cell):
@@ -146,8 +173,24 @@ class CausalLM(nn.Cell):
             ids = input_ids
             for layer in self.model.mtp_layers:
                 ids = ops.concat((ids[:, 1:], ids[:, :1]), 1)  # t_{i+j}
-                h, head_in, route = layer(h, self.model.embed_tokens(ids))
+                h, head_in, route, _ = layer(h, self.model.embed_tokens(ids))
                 mtp_logits = mtp_logits + (self.logits(head_in),)
                 if route is not None:
                     routes = routes + (route,)
         return self.logits(normed), mtp_logits, routes
+
+    def prefill(self, input_ids):
+        """input_ids [B, S] -> (logits [B, S, V], residual stream [B, S, H], caches [L, B, S, D])."""
+        normed, h, caches = self.model.cached(input_ids)
+        return self.logits(normed), h, caches
+
+    def decode(self, input_ids, positions, caches):
+        """input_ids [B, Q] at ``positions [B, Q]`` with ``caches [L, B, M, D]`` -> (logits, residual, caches)."""
+        normed, h, caches = self.model.cached(input_ids, positions, caches)
+        return self.logits(normed), h, caches
+
+    def draft(self, h, next_ids, positions=None, cache=None):
+        """The first MTP layer at positions whose main residual ``h [B, Q, H]`` and next token ``next_ids [B, Q]``
+        are known -> (logits [B, Q, V] for the token after next, its cache [B, M, D]); no cache means prefill."""
+        _, head_in, _, cache = self.model.mtp_layers[0](h, self.model.embed_tokens(next_ids), positions, cache)
+        return self.logits(head_in), cache

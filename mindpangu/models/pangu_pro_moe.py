@@ -10,7 +10,7 @@ from __future__ import annotations
 from mindspore import nn, ops
 
 from ..config.schema import ModelConfig
-from ..layers import Linear, Rotary, attention_probs, causal_mask
+from ..layers import Linear, Rotary, attention_probs, cache_write, causal_mask, positions_mask
 from .decoder import CausalLM
 
 
@@ -30,18 +30,47 @@ class GQAttention(nn.Cell):
         self.rotary = Rotary(self.head_dim, cfg.max_position_embeddings, cfg.rope_theta, cfg.rope_interleave)
         self.scale = self.head_dim ** -0.5
 
-    def construct(self, x):
+        self.cache_width = 2 * self.kv_heads * self.head_dim  # roped K then V, per token
+
+    def project(self, x, positions):
+        """-> q [B, kv, rep, S, d] (roped), k [B, kv, S, d] (roped), v [B, kv, S, d]."""
         b, s, _ = x.shape
-        kv, rep, d = self.kv_heads, self.n_heads // self.kv_heads, self.head_dim
-        positions = ops.arange(0, s)
+        kv, d = self.kv_heads, self.head_dim
         q = self.rotary(self.q_proj(x).reshape(b, s, self.n_heads, d).transpose(0, 2, 1, 3), positions)
         k = self.rotary(self.k_proj(x).reshape(b, s, kv, d).transpose(0, 2, 1, 3), positions)
         v = self.v_proj(x).reshape(b, s, kv, d).transpose(0, 2, 1, 3)
-        q = q.reshape(b, kv, rep, s, d)  # query head i uses key/value head i // rep
-        scores = ops.matmul(q, k.reshape(b, kv, 1, s, d).transpose(0, 1, 2, 4, 3)) * self.scale
-        probs = attention_probs(scores, causal_mask(s, s))
-        out = ops.matmul(probs, v.reshape(b, kv, 1, s, d)).reshape(b, self.n_heads, s, d)
-        return self.o_proj(out.transpose(0, 2, 1, 3).reshape(b, s, self.n_heads * d))
+        return q.reshape(b, kv, self.n_heads // kv, s, d), k, v  # query head i uses key/value head i // rep
+
+    def attend(self, q, k, v, mask):
+        """q [B, kv, rep, Q, d], k/v [B, kv, K, d], additive mask broadcasting to [B, kv, rep, Q, K] -> [B, Q, H]."""
+        b, kv, _, q_len, d = q.shape
+        scores = ops.matmul(q, k.expand_dims(2).transpose(0, 1, 2, 4, 3)) * self.scale
+        out = ops.matmul(attention_probs(scores, mask), v.expand_dims(2)).reshape(b, self.n_heads, q_len, d)
+        return self.o_proj(out.transpose(0, 2, 1, 3).reshape(b, q_len, self.n_heads * d))
+
+    def construct(self, x):
+        return self.prefill(x)[0]
+
+    def prefill(self, x):
+        """Causal attention over x [B, S, H] -> (output [B, S, H], cache entries [B, S, 2 * kv * d])."""
+        b, s, _ = x.shape
+        q, k, v = self.project(x, ops.arange(0, s))
+        entries = ops.concat((k.transpose(0, 2, 1, 3).reshape(b, s, -1), v.transpose(0, 2, 1, 3).reshape(b, s, -1)), -1)
+        return self.attend(q, k, v, causal_mask(s, s)), entries
+
+    def decode(self, x, positions, cache):
+        """x [B, Q, H] at ``positions [B, Q]``, K/V cache [B, M, 2 * kv * d] -> (output, updated cache)."""
+        b, q_len, _ = x.shape
+        kv, d = self.kv_heads, self.head_dim
+        q, k, v = self.project(x, positions)
+        entries = ops.concat((k.transpose(0, 2, 1, 3).reshape(b, q_len, -1),
+                              v.transpose(0, 2, 1, 3).reshape(b, q_len, -1)), -1)
+        cache = cache_write(cache, entries, positions)
+        m = cache.shape[1]
+        k_all = cache[..., : kv * d].reshape(b, m, kv, d).transpose(0, 2, 1, 3)
+        v_all = cache[..., kv * d:].reshape(b, m, kv, d).transpose(0, 2, 1, 3)
+        mask = positions_mask(positions, m).reshape(b, 1, 1, q_len, m)
+        return self.attend(q, k_all, v_all, mask), cache
 
 
 class PanguProMoEForCausalLM(CausalLM):

@@ -10,7 +10,7 @@ from __future__ import annotations
 from mindspore import nn, ops
 
 from ..config.schema import ModelConfig
-from ..layers import Linear, RMSNorm, Rotary, attention_probs, causal_mask
+from ..layers import Linear, RMSNorm, Rotary, attention_probs, cache_write, causal_mask, positions_mask
 from .decoder import CausalLM
 
 
@@ -38,24 +38,54 @@ class MLAttention(nn.Cell):
         self.rotary = Rotary(self.rope_dim, cfg.max_position_embeddings, cfg.rope_theta, cfg.rope_interleave)
         self.scale = (self.nope + self.rope_dim) ** -0.5
 
+        self.cache_width = self.kv_rank + self.rope_dim  # the latent cache: kv_lora_rank + rope dims per token
+
+    def project(self, x, positions):
+        """-> q_nope [B,n,S,nope], roped q_pe [B,n,S,rope], normed latent c [B,S,kv_rank], roped k_pe [B,1,S,rope]."""
+        b, s, _ = x.shape
+        q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x))) if self.use_q_lora else self.q_proj(x)
+        q = q.reshape(b, s, self.n_heads, self.nope + self.rope_dim).transpose(0, 2, 1, 3)
+        q_nope, q_pe = q[..., : self.nope], self.rotary(q[..., self.nope:], positions)
+        latent = self.kv_a_proj_with_mqa(x)  # [B, S, kv_rank + rope]
+        c = self.kv_a_layernorm(latent[..., : self.kv_rank])
+        k_pe = self.rotary(latent[..., self.kv_rank:].reshape(b, 1, s, self.rope_dim), positions)  # one key head
+        return q_nope, q_pe, c, k_pe
+
     def construct(self, x):
+        return self.prefill(x)[0]
+
+    def prefill(self, x):
+        """Causal attention over x [B, S, H] -> (output [B, S, H], cache entries [B, S, kv_rank + rope])."""
         b, s, _ = x.shape
         n = self.n_heads
-        q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x))) if self.use_q_lora else self.q_proj(x)
-        q = q.reshape(b, s, n, self.nope + self.rope_dim).transpose(0, 2, 1, 3)  # [B, n, S, dq]
-        q_nope, q_pe = q[..., : self.nope], q[..., self.nope:]
-        latent = self.kv_a_proj_with_mqa(x)  # [B, S, kv_rank + rope]
-        kv_nope, k_pe = latent[..., : self.kv_rank], latent[..., self.kv_rank:]
-        kv = self.kv_b_proj(self.kv_a_layernorm(kv_nope)).reshape(b, s, n, self.nope + self.v_dim)
-        kv = kv.transpose(0, 2, 1, 3)
-        k_nope, v = kv[..., : self.nope], kv[..., self.nope:]
         positions = ops.arange(0, s)
-        q_pe = self.rotary(q_pe, positions)
-        k_pe = self.rotary(k_pe.reshape(b, 1, s, self.rope_dim), positions)  # one key head shared by all
+        q_nope, q_pe, c, k_pe = self.project(x, positions)
+        kv = self.kv_b_proj(c).reshape(b, s, n, self.nope + self.v_dim).transpose(0, 2, 1, 3)
+        k_nope, v = kv[..., : self.nope], kv[..., self.nope:]
         scores = ops.matmul(q_nope, k_nope.transpose(0, 1, 3, 2)) + ops.matmul(q_pe, k_pe.transpose(0, 1, 3, 2))
         probs = attention_probs(scores * self.scale, causal_mask(s, s))
         out = ops.matmul(probs, v).transpose(0, 2, 1, 3).reshape(b, s, n * self.v_dim)
-        return self.o_proj(out)
+        return self.o_proj(out), ops.concat((c, k_pe.reshape(b, s, self.rope_dim)), -1)
+
+    def decode(self, x, positions, cache):
+        """x [B, Q, H] at ``positions [B, Q]``, latent cache [B, M, kv_rank + rope] -> (output, updated cache).
+
+        Attention runs on the latent with kv_b_proj absorbed (DeepSeek-V2 §2.1.2): q_nope W_UK scores against the
+        cached c directly, and W_UV maps the attended latent to values, so no per-head K/V is ever materialised.
+        """
+        b, q_len, _ = x.shape
+        n, r = self.n_heads, self.kv_rank
+        q_nope, q_pe, c, k_pe = self.project(x, positions)
+        cache = cache_write(cache, ops.concat((c, k_pe.reshape(b, q_len, self.rope_dim)), -1), positions)
+        m = cache.shape[1]
+        c_all = cache[..., :r].reshape(b, 1, m, r)
+        pe_all = cache[..., r:].reshape(b, 1, m, self.rope_dim)
+        w = self.kv_b_proj.weight.reshape(n, self.nope + self.v_dim, r)
+        q_latent = ops.matmul(q_nope, w[:, : self.nope])  # [B, n, Q, r]
+        scores = ops.matmul(q_latent, c_all.transpose(0, 1, 3, 2)) + ops.matmul(q_pe, pe_all.transpose(0, 1, 3, 2))
+        probs = attention_probs(scores * self.scale, positions_mask(positions, m).expand_dims(1))
+        out = ops.matmul(ops.matmul(probs, c_all), w[:, self.nope:].transpose(0, 2, 1))  # [B, n, Q, v]
+        return self.o_proj(out.transpose(0, 2, 1, 3).reshape(b, q_len, n * self.v_dim)), cache
 
 
 class PanguUltraMoEForCausalLM(CausalLM):

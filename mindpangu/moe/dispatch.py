@@ -65,6 +65,7 @@ class GroupedExperts(nn.Cell):
         self.bmm_t = ops.BatchMatMul(transpose_b=True)
         self.cast_needed = compute_dtype != "float32"
         self.dtype = ms_dtype(compute_dtype)
+        self.fixed_block = 0  # > 0: this block size whatever the shapes (dynamic-shape graphs); 0: by shape
         self.use_kernel = backend == "cpu_kernel"
         if self.use_kernel:
             from .kernels import make_permute, make_unpermute
@@ -74,7 +75,7 @@ class GroupedExperts(nn.Cell):
     def construct(self, x, weights, indices):
         """x [T, H], weights [T, K] float32, indices [T, K] int32 -> [T, H]."""
         t, k = indices.shape
-        block = block_size(t * k, self.num_experts)
+        block = self.fixed_block if self.fixed_block else block_size(t * k, self.num_experts)
         if self.use_kernel:
             xs, slot_of_row, block_expert, _ = self.permute(x, indices)
         else:

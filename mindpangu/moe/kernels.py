@@ -65,9 +65,15 @@ def kernel_library(required: bool = False) -> Optional[str]:
     return path
 
 
-def _custom(name: str, out_shape, out_dtype, bprop=None):
-    return ops.Custom(f"{kernel_library(required=True)}:{name}", out_shape=out_shape, out_dtype=out_dtype,
-                      func_type="aot", bprop=bprop)
+def _custom(name: str, out_shape, out_dtype, bprop=None, **attrs):
+    """An aot op. ``attrs`` must name everything besides the input shapes that ``out_shape`` depends on: PyNative
+    caches a launched kernel by op name, input shapes and attributes, and would reuse a kernel built for another
+    output shape (e.g. another top-k) otherwise."""
+    op = ops.Custom(f"{kernel_library(required=True)}:{name}", out_shape=out_shape, out_dtype=out_dtype,
+                    func_type="aot", bprop=bprop)
+    for key, value in attrs.items():
+        op.add_prim_attr(key, value)
+    return op
 
 
 def gating_config(moge: bool, sigmoid: bool, normalise: bool, scale: float, groups: int) -> Tensor:
@@ -84,7 +90,7 @@ def make_gating(top_k: int):
         return d_logits, ops.zeros_like(bias), ops.zeros_like(config)
 
     return _custom("MoeGating", lambda x, b, c: ((x[0], top_k), (x[0], top_k), x, (x[1],)),
-                   (ms.float32, ms.int32, ms.float32, ms.int32), bprop)
+                   (ms.float32, ms.int32, ms.float32, ms.int32), bprop, top_k=top_k)
 
 
 def make_permute(num_experts: int):
@@ -105,7 +111,7 @@ def make_permute(num_experts: int):
     def bprop(x, indices, out, dout):
         return grad(dout[0], out[1], x), ops.zeros_like(indices)
 
-    return _custom("MoePermute", shapes, (ms.float32, ms.int32, ms.int32, ms.int32), bprop)
+    return _custom("MoePermute", shapes, (ms.float32, ms.int32, ms.int32, ms.int32), bprop, num_experts=num_experts)
 
 
 def make_unpermute():
