@@ -36,6 +36,7 @@ setup(
             "mindpangu-imbalance-mc=mindpangu.cli:imbalance_mc_main",
             "mindpangu-export=mindpangu.cli:export_main",
             "mindpangu-generate=mindpangu.cli:generate_main",
+            "mindpangu-plan=mindpangu.cli:plan_main",
         ],
     },
 )

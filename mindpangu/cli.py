@@ -233,6 +233,27 @@ def generate_main(argv=None):
 
 
 @_friendly
+def plan_main(argv=None):
+    """Print the parallel plan of a recipe on a mesh: rank table, groups, pipeline stage map and memory per
+    device (parameters, gradients, optimizer states, activations)."""
+    p = argparse.ArgumentParser(prog="mindpangu-plan", description=plan_main.__doc__)
+    _config_args(p)
+    p.add_argument("--mesh", default="", help="preset (atlas_800t_a2, cloudmatrix_384); default: the YAML's mesh:")
+    p.add_argument("--rows", type=int, default=16, help="rank-table rows to show")
+    args = p.parse_intermixed_args(argv)
+    from .config import load_config
+    from .parallel import Layout, resolve_mesh
+    from .parallel.report import plan_report
+
+    cfg = load_config(args.config, args.overrides)
+    mesh_cfg = cfg.mesh
+    if not (args.mesh or mesh_cfg.preset or mesh_cfg.devices_per_node):
+        mesh_cfg.preset = "atlas_800t_a2"
+    mesh = resolve_mesh(mesh_cfg, args.mesh, Layout.from_config(cfg).world)
+    print(plan_report(cfg, mesh, args.rows))
+
+
+@_friendly
 def imbalance_mc_main(argv=None):
     """Monte Carlo of the device imbalance score: uniformly random top-K routing vs MoGE (Pro MoE Fig. 2b)."""
     p = argparse.ArgumentParser(prog="mindpangu-imbalance-mc", description=imbalance_mc_main.__doc__)

@@ -213,6 +213,20 @@ class ParallelConfig(Section):
     vocab_emb_dp: bool = option(True, "Shard the embedding table by data parallel instead of model parallel.")
     optimizer_shard: bool = option(False, "ZeRO-style optimizer-state sharding over data parallel.")
     gradient_aggregation_group: int = option(4, "Gradients fused per all-reduce.", ge=1)
+    rank_order: str = option("tp-cp-ep-dp-pp", "How ranks are numbered, fastest-varying first (Megatron's "
+                             "order): tp and ep first keeps them inside a node. EP is carved from the dims "
+                             "listed after it, before pp.")
+    noop_layers: int = option(0, "Identity layers added to even out pipeline chunks (Pangu Pro MoE: 48 + 2).",
+                              ge=0)
+    pipeline_layers: Optional[List[int]] = option(None, "Decoder layers per pipeline chunk (pp x vpp entries, "
+                                                        "chunk c runs on stage c mod pp); default: balanced by "
+                                                        "cost, embedding / LM head / MTP included.")
+
+    def validate(self, path, origins):
+        dims = self.rank_order.split("-")
+        if sorted(dims) != ["cp", "dp", "ep", "pp", "tp"] or dims[-1] != "pp":
+            _fail(path, "rank_order", "must order each of tp, cp, ep, dp once, then pp last", origins,
+                  self.rank_order, "e.g. 'tp-cp-ep-dp-pp' or 'tp-ep-cp-dp-pp'")
 
 
 @dataclass
@@ -326,6 +340,19 @@ class CheckpointConfig(Section):
 
 
 @dataclass
+class MeshConfig(Section):
+    preset: str = option("", "A known cluster whose fields fill the rest: atlas_800t_a2 (8 x 910B per node) or "
+                             "cloudmatrix_384 (384 x 910C); empty: give the fields.",
+                         choices=("", "atlas_800t_a2", "cloudmatrix_384"))
+    nodes: int = option(0, "Nodes; 0: as many as the parallel layout needs.", ge=0)
+    devices_per_node: int = option(0, "Devices per node (0: the preset's).", ge=0)
+    peak_tflops: float = option(0.0, "Dense fp16/bf16 peak per device, TFLOP/s (0: the preset's).", ge=0.0)
+    hbm_gb: float = option(0.0, "Device memory, GB (0: the preset's).", ge=0.0)
+    intra_node_gbps: float = option(0.0, "Per-device bandwidth inside a node, GB/s (0: the preset's).", ge=0.0)
+    inter_node_gbps: float = option(0.0, "Per-device bandwidth between nodes, GB/s (0: the preset's).", ge=0.0)
+
+
+@dataclass
 class TrainConfig(Section):
     seed: int = option(1234, "Seed for init, data order and dropout.", ge=0)
     output_dir: str = option("./output", "Checkpoints, logs and metrics go here.")
@@ -344,3 +371,4 @@ class TrainConfig(Section):
     context: ContextConfig = option(ContextConfig(), "mindspore.set_context arguments.")
     logging: LoggingConfig = option(LoggingConfig(), "What is logged and how often.")
     checkpoint: CheckpointConfig = option(CheckpointConfig(), "Checkpoint cadence and retention.")
+    mesh: MeshConfig = option(MeshConfig(), "The cluster the parallel layout is planned for (tools/plan.py).")

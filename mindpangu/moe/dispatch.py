@@ -31,8 +31,8 @@ def permute_plan(indices, num_experts: int, block: int):
     rows = indices.shape[0] * indices.shape[1]
     flat = indices.reshape(-1)
     onehot = ops.one_hot(flat, num_experts, Tensor(1, ms.int32), Tensor(0, ms.int32))  # [R, E]
-    counts = onehot.sum(0)
-    rank = ((ops.cumsum(onehot, 0) - 1) * onehot).sum(1)  # position of each row inside its expert
+    counts = onehot.sum(0).astype(ms.int32)  # sums promote to int64, which Ascend's CumSum refuses
+    rank = ((ops.cumsum(onehot, 0) - 1) * onehot).sum(1).astype(ms.int32)  # position of each row inside its expert
     padded = (counts + (block - 1)) // block * block
     pad_end = ops.cumsum(padded, 0)
     pad_start = pad_end - padded
