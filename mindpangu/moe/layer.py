@@ -36,13 +36,18 @@ class MoELayer(nn.Cell):
         if self.has_shared:
             setattr(self, shared_name, SwiGLU(hidden, shared, compute_dtype))
 
+    def route(self, flat):
+        """Tokens [T, H] -> (weights [T, K] (x router_scale), indices [T, K], scores, logits, counts)."""
+        weights, indices, scores, logits, counts = self.gate(flat)
+        if self.use_router_scale:
+            weights = weights * ops.gather(self.router_scale.reshape(-1), indices, 0)
+        return weights, indices, scores, logits, counts
+
     def construct(self, x):
         """x [B, S, H] -> (y [B, S, H], (weights, indices, scores, logits, counts))."""
         b, s, h = x.shape
         flat = x.reshape(b * s, h)
-        weights, indices, scores, logits, counts = self.gate(flat)
-        if self.use_router_scale:
-            weights = weights * ops.gather(self.router_scale.reshape(-1), indices, 0)
+        weights, indices, scores, logits, counts = self.route(flat)
         y = self.experts(flat, weights, indices)
         if self.has_shared:
             y = y + getattr(self, self.shared_name)(flat)
