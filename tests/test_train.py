@@ -181,8 +181,10 @@ def test_data_order_is_seeded_sharded_and_resumable(tmp_path):
     again = ds.batches(4, first[2][1], seed=7)  # resume after the third batch
     np.testing.assert_array_equal(next(again)[0], first[3][0])
     np.testing.assert_array_equal(next(again)[0], first[4][0])
-    ranks = [set(ds.epoch_order(0, 7, True, r, 2)) for r in range(2)]
-    assert not ranks[0] & ranks[1]  # data-parallel ranks see disjoint samples
+    ranks = [ds.epoch_order(0, 7, True, 4, r, 2) for r in range(2)]
+    assert not set(ranks[0]) & set(ranks[1])  # data-parallel ranks see disjoint samples
+    single = ds.epoch_order(0, 7, True, 8)  # and together each step's batch of the single process
+    np.testing.assert_array_equal(np.concatenate([ranks[0][:4], ranks[1][:4]]), single[:8])
     assert not set(ds.eval_indices) & set(ds.epoch_order(0, 7, True))  # the held-out split is never trained on
 
 

@@ -140,23 +140,27 @@ class PackedDataset:
             raise ValueError(f"cannot read dataset '{self.path}': {str(e).splitlines()[0]}") from None
         return np.stack(rows).astype(np.int32)
 
-    def epoch_order(self, epoch: int, seed: int, shuffle: bool, rank: int = 0, world: int = 1) -> np.ndarray:
-        """This rank's sample order for ``epoch``: a seeded permutation of the train split, sliced per rank."""
+    def epoch_order(self, epoch: int, seed: int, shuffle: bool, batch_size: int = 1, rank: int = 0,
+                    world: int = 1) -> np.ndarray:
+        """This rank's sample order for ``epoch``: a seeded permutation of the train split, cut into global
+        batches of batch_size x world samples, of which rank r takes the r-th slice (so the ranks' batches
+        together are the single-process batch of batch_size x world)."""
         order = self.train_indices
         if shuffle:
             order = order[np.random.default_rng([seed, epoch]).permutation(len(order))]
-        per_rank = len(order) // world
-        return order[rank * per_rank:(rank + 1) * per_rank]
+        usable = len(order) // (batch_size * world) * batch_size * world
+        return order[:usable].reshape(-1, world, batch_size)[:, rank].reshape(-1)
 
     def batches(self, batch_size: int, position: Position, seed: int, shuffle: bool = True, rank: int = 0,
                 world: int = 1, prefetch: int = 64) -> Iterator[Tuple[np.ndarray, Position]]:
         """Endless (batch [B, S+1], position after it), starting at ``position``."""
         epoch, offset = position.epoch, position.offset
         while True:
-            order = self.epoch_order(epoch, seed, shuffle, rank, world)
-            usable = len(order) // batch_size * batch_size
+            order = self.epoch_order(epoch, seed, shuffle, batch_size, rank, world)
+            usable = len(order)
             if usable == 0:
-                raise ValueError(f"batch size {batch_size} exceeds the {len(order)} training samples per rank")
+                raise ValueError(f"batch size {batch_size} x {world} data-parallel ranks exceeds the "
+                                 f"{len(self.train_indices)} training samples")
             while offset < usable:
                 chunk = order[offset: min(usable, offset + prefetch * batch_size)]
                 rows = self.read(chunk)

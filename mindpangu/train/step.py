@@ -104,9 +104,12 @@ class UpdateStep(nn.Cell):
     """Unscale the accumulated gradients, clip by global norm, AdamW if finite, zero the accumulators, and step
     the aux-loss-free expert biases: b_i += rate * sign(mean load - load_i)."""
 
-    def __init__(self, accum, optimizer: AdamW, max_norm: float, expert_biases, bias_rate: float):
+    def __init__(self, accum, optimizer: AdamW, max_norm: float, expert_biases, bias_rate: float, world: int = 1):
         super().__init__(auto_prefix=False)
         self.accum = accum
+        self.world = world  # data-parallel processes: gradients are averaged over them first
+        if world > 1:
+            self.all_reduce = ops.AllReduce()
         self.optimizer = optimizer
         self.max_norm = float(max_norm)
         self.biases = ParameterTuple(expert_biases) if expert_biases else ()
@@ -117,6 +120,8 @@ class UpdateStep(nn.Cell):
         sq = ops.zeros((), ms.float32)
         for acc in self.accum:
             g = acc * inv_scale
+            if self.world > 1:
+                g = self.all_reduce(g) / self.world
             grads = grads + (g,)
             sq = sq + (g * g).sum()
         norm = ops.sqrt(sq)
@@ -142,8 +147,10 @@ class StepRunner:
     Holds the model's optimizer and compiled cells; the trainer and the benchmark both drive it.
     """
 
-    def __init__(self, model, cfg: TrainConfig):
-        self.cfg = cfg
+    def __init__(self, model, cfg: TrainConfig, world: int = 1):
+        """``world`` > 1: data-parallel processes (msrun); gradients, reported losses, expert counts and pooled
+        routing statistics are reduced over them, so every process applies the same update."""
+        self.cfg, self.world = cfg, world
         m, o = cfg.model, cfg.optimizer
         params = [p for p in model.get_parameters() if p.requires_grad]
         self.optimizer = AdamW(params, o.betas, o.eps, o.weight_decay)
@@ -152,7 +159,11 @@ class StepRunner:
         self.num_routes = max(1, len(layers))
         biases = [layer.gate.e_score_correction_bias for layer in layers if layer.gate.use_bias]
         self.update = UpdateStep(self.micro.accum, self.optimizer, o.grad_clip, biases,
-                                 m.moe.balance_loss.expert_bias.update_rate)
+                                 m.moe.balance_loss.expert_bias.update_rate, world)
+        if world > 1:
+            from ..parallel.distributed import CrossRankSum
+
+            self.cross_rank = CrossRankSum()
         self.stats = RoutingStats(model, m.moe.num_experts)
         self.state_params = list(model.get_parameters()) + list(self.optimizer.m) + list(self.optimizer.v) + \
             [self.optimizer.step]
@@ -164,8 +175,8 @@ class StepRunner:
         batches = [ms.Tensor(b, ms.int32) for b in micro_batches]
         tokens_per_micro = micro_batches[0].shape[0] * (micro_batches[0].shape[1] - 1)
         if self.cfg.model.moe.balance_loss.type == "global_batch":
-            pooled = sum(self.stats(b).asnumpy() for b in batches)
-            pooled_tokens = float(tokens_per_micro * accum)
+            pooled = self._over_ranks(sum(self.stats(b).asnumpy() for b in batches))
+            pooled_tokens = float(tokens_per_micro * accum * self.world)
         else:
             pooled, pooled_tokens = np.zeros((self.num_routes, e), np.float32), 1.0
         pooled_t = ms.Tensor(np.asarray(pooled, np.float32))
@@ -177,8 +188,19 @@ class StepRunner:
             sums += [float(loss.asnumpy()) / loss_scale, float(lm.asnumpy()) / accum, float(mtp.asnumpy()) / accum,
                      float(bal.asnumpy()) / accum, float(zl.asnumpy()) / accum]
             counts += c.asnumpy()
+        if self.world > 1:
+            sums = self._over_ranks(sums).astype(np.float64) / self.world
+            counts = self._over_ranks(counts)
         norm, finite = self.update(ms.Tensor(lr, ms.float32), ms.Tensor(1.0 / loss_scale, ms.float32),
                                    ms.Tensor(counts))
+        sums = [float(x) for x in sums]
         return {"loss": sums[0], "lm_loss": sums[1], "mtp_loss": sums[2], "balance_loss": sums[3], "z_loss": sums[4],
                 "grad_norm": float(norm.asnumpy()), "finite": bool(finite.asnumpy()), "lr": lr, "counts": counts,
-                "tokens": tokens_per_micro * accum}
+                "tokens": tokens_per_micro * accum * self.world}
+
+    def _over_ranks(self, values: np.ndarray) -> np.ndarray:
+        if self.world == 1:
+            return np.asarray(values)
+        from ..parallel.distributed import sum_over_ranks
+
+        return sum_over_ranks(values, self.cross_rank)

@@ -22,6 +22,8 @@ from .logger import MetricsWriter, SpikeCounter
 from .mfu import measured_peak_flops, training_flops_per_token
 from .optim import learning_rate
 from .step import StepRunner
+from ..parallel.distributed import init_data_parallel
+from ..parallel.plan import Layout, check_layout
 
 
 class TrainingStopped(RuntimeError):
@@ -77,6 +79,16 @@ def imbalance_devices(cfg: TrainConfig) -> int:
     return math.gcd(m.num_experts, 8)
 
 
+class _Silent:
+    """What the processes other than rank 0 write: nothing."""
+
+    def write(self, *_):
+        pass
+
+    def close(self):
+        pass
+
+
 class Trainer:
     """Builds everything a run needs from a TrainConfig; ``run()`` trains and returns a summary dict."""
 
@@ -98,10 +110,19 @@ class Trainer:
         ms.set_context(mode=ms.GRAPH_MODE if cfg.context.graph_mode else ms.PYNATIVE_MODE,
                        device_target=cfg.context.device_target)
         ms.set_seed(cfg.seed)
+        self.rank, self.world = init_data_parallel()
+        if self.world > 1:
+            check_layout(cfg, self.world)
+            if cfg.parallel_config.data_parallel != self.world or Layout.from_config(cfg).world != self.world:
+                raise ConfigError("parallel_config.data_parallel", f"the job has {self.world} processes; on CPU "
+                                  "only data parallel runs across processes", value=cfg.parallel_config.data_parallel,
+                                  allowed=f"data_parallel={self.world} with every other degree 1")
+        self.is_main = self.rank == 0  # writes logs, metrics and checkpoints
+        self.progress = progress and self.is_main
         writable_dir(cfg.output_dir)
         self.data = open_dataset(cfg, m.vocab_size)
         self.model = build_model(m, seed=cfg.seed)
-        self.runner = StepRunner(self.model, cfg)
+        self.runner = StepRunner(self.model, cfg, self.world)
         self.eval_net = _EvalNet(self.model)
         r = cfg.runner_config
         self.loss_scale = r.loss_scale if m.compute_dtype == "float16" else 1.0
@@ -121,7 +142,9 @@ class Trainer:
                 "good": self.good, "loss_spikes": self.loss_spikes.state(), "grad_spikes": self.grad_spikes.state(),
                 "seed": self.cfg.seed, "data": self.data.meta.get("fingerprint"), "model": self.cfg.model.to_dict()}
 
-    def save(self) -> str:
+    def save(self) -> Optional[str]:
+        if not self.is_main:
+            return None
         return ckpt.save(self.ckpt_root, self.step, self.runner.state_params, self.state(),
                          self.cfg.checkpoint.keep_checkpoint_max)
 
@@ -183,20 +206,25 @@ class Trainer:
                 "imbalance_score": [round(float(x), 4) for x in
                                     imbalance_from_counts(counts, np.maximum(tokens, 1), imbalance_devices(self.cfg))]}
 
+    def _say(self, text: str) -> None:
+        if self.is_main:
+            tqdm.write(text)
+
     # ---- the loop ----------------------------------------------------------------------------------------------
     def run(self) -> Dict:
         cfg, r, log = self.cfg, self.cfg.runner_config, self.cfg.logging
         resumed = self.resume and self.restore()
-        writer = MetricsWriter(cfg.output_dir, log.tensorboard)
+        writer = MetricsWriter(cfg.output_dir, log.tensorboard) if self.is_main else _Silent()
         peak = log.peak_tflops * 1e12 if log.peak_tflops else measured_peak_flops()
         flops_per_token = training_flops_per_token(cfg.model, cfg.train_dataset.seq_length)
-        stream = self.data.batches(r.batch_size, self.position, cfg.seed, cfg.train_dataset.shuffle)
+        stream = self.data.batches(r.batch_size, self.position, cfg.seed, cfg.train_dataset.shuffle, self.rank,
+                                   self.world)
         start_step = self.step
         stop_at = r.train_steps if not self.max_steps_this_run else min(r.train_steps, start_step + self.max_steps_this_run)
         bar = tqdm(total=r.train_steps, initial=self.step, desc="train", unit="step", disable=not self.progress,
                    dynamic_ncols=True)
         if resumed:
-            tqdm.write(f"resumed from step {self.step} (epoch {self.position.epoch}, sample {self.position.offset})")
+            self._say(f"resumed from step {self.step} (epoch {self.position.epoch}, sample {self.position.offset})")
         t_run = time.perf_counter()
         window_tokens, window_time, first_step_s, last_eval = 0, 0.0, None, None
         recent: List[tuple] = []
@@ -225,7 +253,7 @@ class Trainer:
                           "loss_spikes": self.loss_spikes.count, "grad_spikes": self.grad_spikes.count}
                 if self.step % log.log_interval == 0 or self.step == r.train_steps:
                     record.update(self.expert_load(out["counts"]))
-                    tqdm.write(self._line(record))
+                    self._say(self._line(record))
                 writer.write(record)
                 if self.consecutive >= r.max_consecutive_skips:
                     raise TrainingStopped(
@@ -238,7 +266,7 @@ class Trainer:
                     last_eval = self.evaluate()
                     if last_eval is not None:
                         writer.write({"kind": "eval", "step": self.step, "eval_loss": last_eval})
-                        tqdm.write(f"step {self.step}: eval loss {last_eval:.4f}")
+                        self._say(f"step {self.step}: eval loss {last_eval:.4f}")
                 if self.step % cfg.checkpoint.save_checkpoint_steps == 0 or self.step == stop_at:
                     self.save()
         finally:
@@ -252,7 +280,7 @@ class Trainer:
                    "grad_spikes": self.grad_spikes.count, "first_step_s": first_step_s,
                    "tokens_per_s": window_tokens / window_time if window_time else None,
                    "wall_s": time.perf_counter() - t_run, "output_dir": cfg.output_dir}
-        print(self._summary(summary))
+        self._say(self._summary(summary))
         return summary
 
     @staticmethod
