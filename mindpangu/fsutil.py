@@ -10,6 +10,14 @@ def cache_root() -> str:
     return os.environ.get("MINDPANGU_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "mindpangu"))
 
 
+def staging_dir(final: str) -> str:
+    """A fresh, empty directory beside ``final`` (``final.tmp<pid>``) to build it in before ``replace_dir``."""
+    tmp = f"{os.path.abspath(final).rstrip(os.sep)}.tmp{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    return tmp
+
+
 def replace_dir(tmp: str, final: str) -> None:
     """Move the finished directory ``tmp`` to ``final``; an existing ``final`` is set aside first and deleted only
     after the swap, so at every moment one complete version exists."""

@@ -14,29 +14,38 @@ from typing import Dict, List, Tuple
 from .config.schema import ModelConfig
 
 
-def _attention(cfg: ModelConfig) -> int:
+def attention_parameters(cfg: ModelConfig) -> Tuple[int, int]:
+    """(replicated, tensor-parallel) parameters of one attention block. GQA splits q/k/v/o (biases included) over
+    TP; MLA splits q_b_proj (or q_proj), kv_b_proj and o_proj and replicates the latent down-projections, their
+    norms and o_proj's bias."""
     h, n = cfg.hidden_size, cfg.num_attention_heads
     bias = cfg.attention_bias
     if cfg.type == "pangu_pro_moe":
         hd = cfg.head_dim or h // n
         kv = cfg.num_key_value_heads or n
-        return (h * n * hd + h * 2 * kv * hd + n * hd * h) + (bias * (n * hd + 2 * kv * hd + h))
+        return 0, (h * n * hd + h * 2 * kv * hd + n * hd * h) + (bias * (n * hd + 2 * kv * hd + h))
     q_dim = n * (cfg.qk_nope_head_dim + cfg.qk_rope_head_dim)
+    latent = cfg.kv_lora_rank + cfg.qk_rope_head_dim
+    replicated = h * latent + bias * latent + cfg.kv_lora_rank + bias * h
     if cfg.q_lora_rank:
-        q = h * cfg.q_lora_rank + bias * cfg.q_lora_rank + cfg.q_lora_rank + cfg.q_lora_rank * q_dim
-    else:
-        q = h * q_dim
-    kv = h * (cfg.kv_lora_rank + cfg.qk_rope_head_dim) + bias * (cfg.kv_lora_rank + cfg.qk_rope_head_dim)
-    kv += cfg.kv_lora_rank + cfg.kv_lora_rank * n * (cfg.qk_nope_head_dim + cfg.v_head_dim)
-    o = n * cfg.v_head_dim * h + bias * h
-    return q + kv + o
+        replicated += h * cfg.q_lora_rank + bias * cfg.q_lora_rank + cfg.q_lora_rank
+    split = (cfg.q_lora_rank or h) * q_dim + cfg.kv_lora_rank * n * (cfg.qk_nope_head_dim + cfg.v_head_dim)
+    return replicated, split + n * cfg.v_head_dim * h
 
 
-def _norms_per_layer(cfg: ModelConfig) -> int:
+def attention_head_dims(cfg: ModelConfig) -> Tuple[int, int]:
+    """(query/key width, value width) per attention head."""
+    if cfg.type == "pangu_pro_moe":
+        head = cfg.head_dim or cfg.hidden_size // cfg.num_attention_heads
+        return head, head
+    return cfg.qk_nope_head_dim + cfg.qk_rope_head_dim, cfg.v_head_dim
+
+
+def norms_per_layer(cfg: ModelConfig) -> int:
     return (4 if cfg.norm_layout in ("sandwich", "dssn") else 2) * cfg.hidden_size
 
 
-def _moe_parts(cfg: ModelConfig) -> Tuple[int, int, int, int]:
+def moe_parts(cfg: ModelConfig) -> Tuple[int, int, int, int]:
     """(router incl. router_scale / expert bias, one routed expert, shared experts, routed experts total)."""
     m, h = cfg.moe, cfg.hidden_size
     router = m.num_experts * h + (m.router_scale + m.balance_loss.expert_bias.enabled) * m.num_experts
@@ -49,9 +58,9 @@ def _moe_parts(cfg: ModelConfig) -> Tuple[int, int, int, int]:
 def count_parameters(cfg: ModelConfig) -> Dict[str, object]:
     """{'total', 'active', 'all', 'convention', 'components': [(name, count, active count), ...]}."""
     h, v = cfg.hidden_size, cfg.vocab_size
-    attn = _attention(cfg)
-    norms = _norms_per_layer(cfg)
-    router, expert, shared, routed = _moe_parts(cfg)
+    attn = sum(attention_parameters(cfg))
+    norms = norms_per_layer(cfg)
+    router, expert, shared, routed = moe_parts(cfg)
     k = cfg.moe.num_experts_per_tok
     dense_layers = cfg.first_k_dense_replace
     moe_layers = cfg.num_layers - dense_layers
@@ -117,11 +126,10 @@ def kv_cache_bytes_per_token(cfg: ModelConfig, bytes_per_value: int = 2) -> Dict
     latent kv_lora_rank + qk_rope_head_dim, or GQA's K and V) and ``full_kv`` (per-head K and V, what a
     multi-head cache without MLA's compression would hold)."""
     n, layers = cfg.num_attention_heads, cfg.num_layers
+    qk, v = attention_head_dims(cfg)
     if cfg.type == "pangu_pro_moe":
-        d = cfg.head_dim or cfg.hidden_size // n
-        cached = 2 * (cfg.num_key_value_heads or n) * d
-        full = 2 * n * d
+        cached = (cfg.num_key_value_heads or n) * (qk + v)
     else:
         cached = cfg.kv_lora_rank + cfg.qk_rope_head_dim
-        full = n * (cfg.qk_nope_head_dim + cfg.qk_rope_head_dim + cfg.v_head_dim)
+    full = n * (qk + v)
     return {"cached": layers * cached * bytes_per_value, "full_kv": layers * full * bytes_per_value}

@@ -1,6 +1,4 @@
 """MindIR export of a model that contains the C++ MoE kernels, reloaded in a new process."""
-import json
-import os
 import subprocess
 import sys
 

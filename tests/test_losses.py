@@ -3,11 +3,10 @@ not depend on how the same global batch is laid out)."""
 import numpy as np
 import pytest
 import mindspore as ms
-from mindspore import ops
 
 import mindpangu as mp
 from mindpangu.train.losses import balance_loss, cross_entropy
-from mindpangu.train.step import LossNet, MicroStep, RoutingStats, moe_layers
+from mindpangu.train.step import LossNet, MicroStep, RoutingStats
 from conftest import ULTRA_TINY
 
 

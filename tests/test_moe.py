@@ -2,7 +2,6 @@
 import numpy as np
 import pytest
 import mindspore as ms
-from mindspore import ops
 
 from mindpangu.config import MoEConfig
 from mindpangu.moe import GroupedExperts, Router, block_size, permute_plan

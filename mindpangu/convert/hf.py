@@ -24,7 +24,7 @@ from typing import Any, Dict, List, Optional, Tuple
 import numpy as np
 
 from ..config import ConfigError, ModelConfig, model_config_from_dict
-from ..fsutil import replace_dir
+from ..fsutil import replace_dir, staging_dir
 
 log = logging.getLogger(__name__)
 
@@ -281,8 +281,7 @@ def save_hf_directory(model, cfg: ModelConfig, path: str) -> None:
     from safetensors.numpy import save_file
 
     params = {p.name: p.asnumpy() for p in model.get_parameters()}
-    tmp = f"{path.rstrip(os.sep)}.tmp{os.getpid()}"
-    os.makedirs(tmp, exist_ok=True)
+    tmp = staging_dir(path)
     save_file(internal_to_hf(params, cfg), os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
     with open(os.path.join(tmp, "config.json"), "w", encoding="utf-8") as fh:
         json.dump(config_to_hf(cfg), fh, indent=2)

@@ -12,13 +12,12 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 from dataclasses import dataclass
 from typing import Iterator, List, Sequence, Tuple
 
 import numpy as np
 
-from ..fsutil import replace_dir
+from ..fsutil import replace_dir, staging_dir
 
 METADATA = "metadata.json"
 TEXT_SUFFIXES = (".txt", ".text", ".md")
@@ -71,9 +70,7 @@ def preprocess(inputs: Sequence[str], tokenizer, seq_length: int, out_dir: str, 
         raise ValueError(f"{len(ids)} tokens make fewer than 2 samples of {width} tokens; add text or lower "
                          "train_dataset.seq_length")
     samples = np.asarray(ids[: n * width], np.int32).reshape(n, width)
-    tmp = f"{out_dir.rstrip(os.sep)}.tmp{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
+    tmp = staging_dir(out_dir)
     writer = FileWriter(os.path.join(tmp, "data.mindrecord"), shard_num=shards, overwrite=True)
     writer.add_schema({"input_ids": {"type": "int32", "shape": [-1]}}, "packed token ids")
     for start in range(0, n, 4096):

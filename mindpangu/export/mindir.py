@@ -18,7 +18,7 @@ import numpy as np
 import mindspore as ms
 from mindspore import nn
 
-from ..fsutil import replace_dir
+from ..fsutil import replace_dir, staging_dir
 from ..moe.kernels import kernel_library, resolve_backend
 
 DYNAMIC_BLOCK = 8  # dispatch rows per expert block in dynamic-shape graphs: the least padding for decode batches
@@ -101,11 +101,9 @@ def export_for_serving(model, out_dir: str, max_len: int, tokenizer: str = "", s
         raise ValueError(f"--max-len must be in [1, max_position_embeddings = {cfg.max_position_embeddings}], "
                          f"got {max_len}")
     prefill, decode = serving_cells(model, max_len)
-    layers, width = cfg.num_layers, prefill.model.model.layers[0].self_attn.cache_width
+    layers, _, _, width = decode.get_inputs()[2].shape
     final = os.path.abspath(out_dir)
-    tmp = f"{final.rstrip(os.sep)}.tmp{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
+    tmp = staging_dir(final)
     _export(prefill, prefill.get_inputs(), os.path.join(tmp, "prefill"))
     _export(decode, decode.get_inputs(), os.path.join(tmp, "decode"))
     cache_kind = "mla_latent" if cfg.type == "pangu_ultra_moe" else "gqa_kv"

@@ -19,6 +19,7 @@ from __future__ import annotations
 from typing import Dict, Optional
 
 from ..config.schema import TrainConfig
+from ..params import attention_parameters, moe_parts, norms_per_layer
 from .plan import Layout, StagePlan
 
 GB = 1024 ** 3
@@ -27,27 +28,15 @@ GB = 1024 ** 3
 def layer_parameters(cfg: TrainConfig, layer: int) -> Dict[str, int]:
     """Parameters of decoder layer ``layer`` by how they are sharded: 'replicated', 'tp', 'experts'."""
     m = cfg.model
-    h, n = m.hidden_size, m.num_attention_heads
-    norms = (4 if m.norm_layout in ("sandwich", "dssn") else 2) * h
-    if m.type == "pangu_pro_moe":
-        d = m.head_dim or h // n
-        kv = m.num_key_value_heads or n
-        tp = h * n * d + 2 * h * kv * d + n * d * h + m.attention_bias * (n * d + 2 * kv * d + h)
-        rep = norms
-    else:
-        q = m.q_lora_rank
-        rep = norms + (h * q + q if q else 0) + h * (m.kv_lora_rank + m.qk_rope_head_dim) + m.kv_lora_rank
-        tp = (q or h) * n * (m.qk_nope_head_dim + m.qk_rope_head_dim)
-        tp += m.kv_lora_rank * n * (m.qk_nope_head_dim + m.v_head_dim) + n * m.v_head_dim * h
+    rep, tp = attention_parameters(m)
+    rep += norms_per_layer(m)
     experts = 0
     if layer < m.first_k_dense_replace:
-        tp += 3 * h * m.intermediate_size
+        tp += 3 * m.hidden_size * m.intermediate_size
     else:
-        e = m.moe
-        rep += e.num_experts * h + (e.num_experts if e.balance_loss.expert_bias.enabled else 0)
-        rep += e.num_experts if e.router_scale else 0
-        experts = e.num_experts * 3 * h * e.intermediate_size
-        tp += 3 * h * (e.shared_expert_intermediate_size or e.num_shared_experts * e.intermediate_size)
+        router, _, shared, experts = moe_parts(m)
+        rep += router
+        tp += shared
     return {"replicated": rep, "tp": tp, "experts": experts}
 
 
@@ -56,8 +45,7 @@ def activation_elements(cfg: TrainConfig, layer: int, layout: Layout) -> float:
     m, tp = cfg.model, layout.tp
     sp = tp if cfg.parallel_config.use_seq_parallel else 1
     h, n = m.hidden_size, m.num_attention_heads
-    norms = 4 if m.norm_layout in ("sandwich", "dssn") else 2
-    hidden = (norms + 2) * h / sp  # every norm input, plus the attention and MLP inputs after their norm
+    hidden = (norms_per_layer(m) // h + 2) * h / sp  # every norm input, plus the attention and MLP inputs after their norm
     if m.type == "pangu_pro_moe":
         d = m.head_dim or h // n
         kv = m.num_key_value_heads or n

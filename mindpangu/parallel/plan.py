@@ -16,7 +16,6 @@ from typing import Dict, List, Optional, Tuple
 
 from ..config import ConfigError
 from ..config.schema import ModelConfig, TrainConfig
-from .mesh import Mesh
 
 DIMS = ("tp", "cp", "ep", "dp", "pp")
 FIELD = {"dp": "data_parallel", "tp": "model_parallel", "cp": "context_parallel", "ep": "expert_parallel",
@@ -237,18 +236,15 @@ def groups(layout: Layout, devices_per_node: int = 8) -> Dict[str, List[List[int
 def layer_costs(m: ModelConfig, seq: int) -> Tuple[List[float], float, float]:
     """(forward FLOPs per token of each decoder layer, embedding chunk extra, last chunk extra: final norm, LM head
     and the MTP layers) -- what balancing pipeline chunks weighs."""
-    from ..params import count_parameters
+    from ..params import attention_head_dims, attention_parameters, moe_parts
 
-    comps = {name.split(" x")[0]: (total, active) for name, total, active in count_parameters(m)["components"]}
     n = m.num_layers
-    attn = comps["attention"][1] / n
-    if m.type == "pangu_pro_moe":
-        qk = v = m.head_dim or m.hidden_size // m.num_attention_heads
-    else:
-        qk, v = m.qk_nope_head_dim + m.qk_rope_head_dim, m.v_head_dim
+    attn = sum(attention_parameters(m))
+    qk, v = attention_head_dims(m)
     attn_core = m.num_attention_heads * (qk + v) * seq / 2  # causal scores and context, per token
-    moe = (comps["routers"][1] + comps["routed experts"][1] + comps["shared experts"][1]) / max(1, n - m.first_k_dense_replace)
-    dense = comps["dense FFN"][1] / m.first_k_dense_replace if m.first_k_dense_replace else 0.0
+    router, expert, shared, _ = moe_parts(m)
+    moe = router + m.moe.num_experts_per_tok * expert + shared
+    dense = 3 * m.hidden_size * m.intermediate_size
     costs = [2 * (attn + (dense if i < m.first_k_dense_replace else moe)) + 2 * attn_core for i in range(n)]
     head = 2 * m.hidden_size * m.vocab_size
     mtp = m.num_mtp_layers * (costs[-1] + 2 * 2 * m.hidden_size ** 2 + head)

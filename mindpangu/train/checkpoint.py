@@ -16,7 +16,7 @@ from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 
-from ..fsutil import replace_dir
+from ..fsutil import replace_dir, staging_dir
 
 _NAME = re.compile(r"^step_(\d{8})$")
 # Test hook: seconds to sleep after writing the files and before the rename (to kill a process mid-save).
@@ -41,9 +41,7 @@ def save(root: str, step: int, params, state: Dict, keep: int) -> str:
 
     os.makedirs(root, exist_ok=True)
     final = os.path.join(root, f"step_{step:08d}")
-    tmp = f"{final}.tmp{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
+    tmp = staging_dir(final)
     ms.save_checkpoint([{"name": p.name, "data": p} for p in params], os.path.join(tmp, "state.ckpt"))
     with open(os.path.join(tmp, "state.json"), "w", encoding="utf-8") as fh:
         json.dump(state, fh, indent=1)

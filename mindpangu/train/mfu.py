@@ -4,7 +4,7 @@ from __future__ import annotations
 import time
 
 from ..config.schema import ModelConfig
-from ..params import count_parameters
+from ..params import attention_head_dims, count_parameters
 
 _PEAK_CACHE = {}
 
@@ -19,11 +19,7 @@ def training_flops_per_token(cfg: ModelConfig, seq_length: int) -> float:
     counts = count_parameters(cfg)
     matmul = sum(active for name, _, active in counts["components"]
                  if not name.startswith(("input embedding", "norms", "final norm")))
-    if cfg.type == "pangu_pro_moe":
-        head = cfg.head_dim or cfg.hidden_size // cfg.num_attention_heads
-        qk, v = head, head
-    else:
-        qk, v = cfg.qk_nope_head_dim + cfg.qk_rope_head_dim, cfg.v_head_dim
+    qk, v = attention_head_dims(cfg)
     layers = cfg.num_layers + cfg.num_mtp_layers
     attention = 2 * cfg.num_attention_heads * (qk + v) * (seq_length / 2) * layers
     return 3.0 * (2.0 * matmul + attention)
