@@ -250,7 +250,7 @@ def plan_main(argv=None):
     if not (args.mesh or mesh_cfg.preset or mesh_cfg.devices_per_node):
         mesh_cfg.preset = "atlas_800t_a2"
     mesh = resolve_mesh(mesh_cfg, args.mesh, Layout.from_config(cfg).world)
-    print(plan_report(cfg, mesh, args.rows))
+    print(plan_report(cfg, mesh, args.rows, args.config))
 
 
 @_friendly
@@ -302,3 +302,34 @@ def bench_main(argv=None):
         bench_train(cfg, args.repeats)
     else:
         bench_forward(cfg, args.batch, args.seq, args.repeats)
+
+
+def sim_compile_main(argv=None):
+    """Compile the recipe's training step for its parallel layout as simulated Ascend rank(s) on this CPU (stub CANN
+    libraries, MindSpore DryRun level 0) and check every parameter's compiled slice against mindpangu.parallel's
+    prediction. Compile-only: no memory figures, no numerics."""
+    p = argparse.ArgumentParser(prog="mindpangu-sim-compile", description=sim_compile_main.__doc__)
+    _config_args(p)
+    p.add_argument("--rank", type=int, nargs="+", default=[0], help="simulated rank(s) to compile as")
+    p.add_argument("--out", default="sim_compile", help="directory for logs, strategy files and reports")
+    p.add_argument("--show", action="store_true", help="list every parameter's compiled slice")
+    args = p.parse_intermixed_args(argv)
+    from .train.sim_compile import compile_rank
+
+    failed = False
+    for rank in args.rank:
+        r = compile_rank(args.config, rank, args.out, args.overrides)
+        verdict = "all match" if r.ok else f"{len(r.mismatches)} MISMATCH"
+        print(f"{args.config} {r.layout} rank {r.rank} (stage {r.stage}): compiled in {r.seconds:.1f} s, "
+              f"{len(r.slices)} parameters on this rank, {r.strategies} operator strategies in "
+              f"{r.strategy_file}; slices vs prediction: {verdict}")
+        for note in r.notes:
+            print(f"  note: {note}")
+        for line in r.mismatches:
+            print(f"  {line}")
+        if args.show:
+            for name in sorted(r.slices):
+                print(f"  {name:<60} {r.slices[name]}")
+        failed |= not r.ok
+    if failed:
+        raise SystemExit(1)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import numpy as np
 import mindspore as ms
 from mindspore import Parameter, Tensor, nn, ops
+from mindspore.ops.auto_generate import SiLU
 
 _DTYPES = {"float32": ms.float32, "float16": ms.float16, "bfloat16": ms.bfloat16}
 
@@ -25,17 +26,20 @@ class Linear(nn.Cell):
         self.bias = Parameter(Tensor(np.zeros((out_features,), np.float32)), name="bias") if bias else None
         self.dtype = ms_dtype(compute_dtype)
         self.cast_needed = compute_dtype != "float32"
+        # primitives, not functional ops, so mindpangu.parallel can give them shard strategies
+        self.matmul = ops.MatMul(transpose_b=True)
+        self.add_bias = ops.Add()
 
     def construct(self, x):
         w = self.weight
         if self.cast_needed:
             x, w = x.astype(self.dtype), w.astype(self.dtype)
         shape = x.shape
-        y = ops.matmul(x.reshape(-1, shape[-1]), w.T)
+        y = self.matmul(x.reshape(-1, shape[-1]), w)
         if self.cast_needed:
             y = y.astype(ms.float32)
         if self.bias is not None:
-            y = y + self.bias
+            y = self.add_bias(y, self.bias)
         return y.reshape(shape[:-1] + (self.out_features,))
 
 
@@ -46,11 +50,13 @@ class RMSNorm(nn.Cell):
         super().__init__()
         self.weight = Parameter(Tensor(np.ones((dim,), np.float32)), name="weight")
         self.eps = eps
+        self.square, self.mean, self.rsqrt = ops.Square(), ops.ReduceMean(keep_dims=True), ops.Rsqrt()
+        self.add_eps, self.normalise, self.scale = ops.Add(), ops.Mul(), ops.Mul()
 
     def construct(self, x):
         x = x.astype(ms.float32)
-        var = ops.mean(x * x, -1, keep_dims=True)
-        return self.weight * (x * ops.rsqrt(var + self.eps))
+        var = self.mean(self.square(x), -1)
+        return self.scale(self.normalise(x, self.rsqrt(self.add_eps(var, self.eps))), self.weight)
 
 
 class Embedding(nn.Cell):
@@ -59,9 +65,10 @@ class Embedding(nn.Cell):
     def __init__(self, vocab_size: int, hidden_size: int):
         super().__init__()
         self.weight = Parameter(Tensor(np.zeros((vocab_size, hidden_size), np.float32)), name="weight")
+        self.gather = ops.Gather()
 
     def construct(self, ids):
-        return ops.gather(self.weight, ids, 0)
+        return self.gather(self.weight, ids, 0)
 
 
 def rope_tables(dim: int, max_len: int, theta: float):
@@ -106,9 +113,10 @@ class SwiGLU(nn.Cell):
         self.gate_proj = Linear(hidden, intermediate, compute_dtype=compute_dtype)
         self.up_proj = Linear(hidden, intermediate, compute_dtype=compute_dtype)
         self.down_proj = Linear(intermediate, hidden, compute_dtype=compute_dtype)
+        self.silu, self.mul = SiLU(), ops.Mul()
 
     def construct(self, x):
-        return self.down_proj(ops.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(self.mul(self.silu(self.gate_proj(x)), self.up_proj(x)))
 
 
 def causal_mask(q_len: int, k_len: int):

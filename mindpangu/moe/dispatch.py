@@ -12,6 +12,7 @@ import math
 import numpy as np
 import mindspore as ms
 from mindspore import Parameter, Tensor, nn, ops
+from mindspore.ops.auto_generate import SiLU
 
 from ..layers import ms_dtype
 
@@ -47,6 +48,29 @@ def permute_plan(indices, num_experts: int, block: int):
     return slot_of_row, row_of_slot, block_expert, counts
 
 
+def expert_major_plan(indices, num_experts: int, capacity: int, sort):
+    """Where every routed row goes in an expert-major buffer [E, capacity] (no scatter: semi-auto parallel
+    shards gathers and sorts, not ScatterNd).
+
+    indices [T, K] int32 -> (row_of_slot [E, capacity] int32 with R marking an empty slot, slot_of_row [R] int32).
+    Rows keep token order inside each expert; ``capacity = T`` never drops (a token picks an expert at most once).
+    """
+    rows = indices.shape[0] * indices.shape[1]
+    flat = indices.reshape(-1)
+    onehot = ops.one_hot(flat, num_experts, Tensor(1, ms.int32), Tensor(0, ms.int32))  # [R, E]
+    counts = onehot.sum(0).astype(ms.int32)
+    rank = ((ops.cumsum(onehot, 0) - 1) * onehot).sum(1).astype(ms.int32)
+    slot_of_row = flat * capacity + rank
+    row_ids = ops.arange(0, rows).astype(ms.int32)
+    _, by_expert = sort(flat * rows + row_ids)  # rows grouped by expert, token order inside each
+    start = (ops.cumsum(counts, 0) - counts).reshape(num_experts, 1)
+    column = ops.arange(0, capacity).astype(ms.int32).reshape(1, capacity)
+    filled = column < counts.reshape(num_experts, 1)
+    position = ops.minimum(start + column, rows - 1)
+    row_of_slot = ops.gather(by_expert.astype(ms.int32), position, 0)
+    return ops.select(filled, row_of_slot, ops.full_like(row_of_slot, rows)), slot_of_row
+
+
 class GroupedExperts(nn.Cell):
     """Routed SwiGLU experts with stacked weights: gate_proj/up_proj [E, I, H], down_proj [E, H, I].
 
@@ -62,7 +86,11 @@ class GroupedExperts(nn.Cell):
         self.up_proj = Parameter(Tensor(np.zeros((num_experts, intermediate, hidden), np.float32)), name="up_proj")
         self.down_proj = Parameter(Tensor(np.zeros((num_experts, hidden, intermediate), np.float32)),
                                    name="down_proj")
-        self.bmm_t = ops.BatchMatMul(transpose_b=True)
+        # primitives, so mindpangu.parallel can shard them (experts over EP, the expert FFN over TP)
+        self.bmm_gate, self.bmm_up, self.bmm_down = (ops.BatchMatMul(transpose_b=True) for _ in range(3))
+        self.silu, self.mul = SiLU(), ops.Mul()
+        self.dispatch_rows, self.combine_rows, self.sort = ops.Gather(), ops.Gather(), ops.Sort()
+        self.expert_major = False  # True: dispatch into [E, T, H] per expert (semi-auto parallel); see construct
         self.cast_needed = compute_dtype != "float32"
         self.dtype = ms_dtype(compute_dtype)
         self.fixed_block = 0  # > 0: this block size whatever the shapes (dynamic-shape graphs); 0: by shape
@@ -73,8 +101,21 @@ class GroupedExperts(nn.Cell):
             self.permute, self.unpermute = make_permute(num_experts), make_unpermute()
 
     def construct(self, x, weights, indices):
-        """x [T, H], weights [T, K] float32, indices [T, K] int32 -> [T, H]."""
+        """x [T, H], weights [T, K] float32, indices [T, K] int32 -> [T, H].
+
+        Default: a block-padded permuted buffer, experts run per block with their weights gathered (compact on
+        one device). ``expert_major``: rows go to an [E, T, H] buffer, so the expert axis can be sharded over EP
+        by semi-auto parallel (the redistribution is the dispatch); it holds E / K times the routed rows.
+        """
         t, k = indices.shape
+        if self.expert_major:
+            row_of_slot, slot_of_row = expert_major_plan(indices, self.num_experts, t, self.sort)
+            x_ext = ops.concat((x, ops.zeros((1, self.hidden), x.dtype)), 0)
+            xs = self.dispatch_rows(x_ext, row_of_slot // k, 0)  # [E, T, H]; empty slots read the zero row
+            ys = self.expert_ffn(xs, self.gate_proj, self.up_proj, self.down_proj).reshape(-1, self.hidden)
+            ys = ops.concat((ys, ops.zeros((1, self.hidden), ys.dtype)), 0)
+            y_rows = self.combine_rows(ys, slot_of_row, 0).reshape(t, k, self.hidden)
+            return (y_rows * weights.reshape(t, k, 1)).sum(1)
         block = self.fixed_block if self.fixed_block else block_size(t * k, self.num_experts)
         if self.use_kernel:
             xs, slot_of_row, block_expert, _ = self.permute(x, indices)
@@ -95,7 +136,11 @@ class GroupedExperts(nn.Cell):
         wg = ops.gather(self.gate_proj, block_expert, 0)
         wu = ops.gather(self.up_proj, block_expert, 0)
         wd = ops.gather(self.down_proj, block_expert, 0)
+        return self.expert_ffn(xs, wg, wu, wd).reshape(num_blocks * block, self.hidden)
+
+    def expert_ffn(self, xs, wg, wu, wd):
+        """SwiGLU per batch entry: xs [N, M, H] with weights [N, I, H], [N, I, H], [N, H, I] -> [N, M, H] float32."""
         if self.cast_needed:
             xs, wg, wu, wd = xs.astype(self.dtype), wg.astype(self.dtype), wu.astype(self.dtype), wd.astype(self.dtype)
-        h = ops.silu(self.bmm_t(xs, wg)) * self.bmm_t(xs, wu)
-        return self.bmm_t(h, wd).astype(ms.float32).reshape(num_blocks * block, self.hidden)
+        h = self.mul(self.silu(self.bmm_gate(xs, wg)), self.bmm_up(xs, wu))
+        return self.bmm_down(h, wd).astype(ms.float32)

@@ -48,7 +48,7 @@ class MoELayer(nn.Cell):
         b, s, h = x.shape
         flat = x.reshape(b * s, h)
         weights, indices, scores, logits, counts = self.route(flat)
-        y = self.experts(flat, weights, indices)
+        y = self.experts(flat, weights, indices).reshape(b, s, h)
         if self.has_shared:
-            y = y + getattr(self, self.shared_name)(flat)
-        return y.reshape(b, s, h), (weights, indices, scores, logits, counts)
+            y = y + getattr(self, self.shared_name)(x)
+        return y, (weights, indices, scores, logits, counts)

@@ -33,6 +33,7 @@ class Router(nn.Cell):
         self.cfg = cfg
         self.num_experts, self.top_k = cfg.num_experts, cfg.num_experts_per_tok
         self.weight = Parameter(Tensor(np.zeros((cfg.num_experts, hidden), np.float32)), name="weight")
+        self.matmul = ops.MatMul(transpose_b=True)  # a primitive, so mindpangu.parallel can shard it
         self.use_bias = cfg.balance_loss.expert_bias.enabled
         if self.use_bias:
             self.e_score_correction_bias = Parameter(Tensor(np.zeros((cfg.num_experts,), np.float32)),
@@ -57,7 +58,7 @@ class Router(nn.Cell):
             self.no_bias = Tensor(np.zeros((cfg.num_experts,), np.float32))
 
     def construct(self, x):
-        logits = ops.matmul(x.astype(ms.float32), self.weight.astype(ms.float32).T)  # [T, E]
+        logits = self.matmul(x.astype(ms.float32), self.weight.astype(ms.float32))  # [T, E]
         return self.route(logits)
 
     def route(self, logits):

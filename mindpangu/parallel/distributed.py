@@ -41,8 +41,12 @@ def sum_over_ranks(values: np.ndarray, op: CrossRankSum) -> np.ndarray:
     return op(ms.Tensor(np.asarray(values, np.float32))).asnumpy()
 
 
-def msrun_command(workers: int, script_args: str, port: int = 8118, log_dir: str = "msrun_log") -> str:
-    """The launch line for ``workers`` processes on this host (msrun starts ``python`` from PATH: put the
+def msrun_command(workers: int, script_args: str, port: int = 8118, log_dir: str = "msrun_log",
+                  local_workers: int = 0, master_addr: str = "127.0.0.1", node_rank: str = "") -> str:
+    """The msrun launch line: ``workers`` processes in all, ``local_workers`` (default all) on this host; on a
+    multi-node mesh every node runs it with its own ``node_rank`` (msrun starts ``python`` from PATH: put the
     environment's bin directory first)."""
-    return (f"msrun --worker_num={workers} --local_worker_num={workers} --master_addr=127.0.0.1 "
-            f"--master_port={port} --log_dir={log_dir} --join=True {script_args}")
+    local = local_workers or workers
+    rank = f"--node_rank={node_rank} " if node_rank != "" else ""
+    return (f"msrun --worker_num={workers} --local_worker_num={local} --master_addr={master_addr} "
+            f"--master_port={port} {rank}--log_dir={log_dir} --join=True {script_args}")

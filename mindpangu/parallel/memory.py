@@ -6,8 +6,9 @@ Conventions (mixed precision as mindformers / Megatron train these models):
   (dp x cp for dense weights, the expert data-parallel group for experts).
 - TP shards attention heads (MLA: q_b_proj, kv_b_proj, o_proj; the latent down-projections are replicated), the
   dense FFN, the shared experts and the vocabulary of the LM head; routed experts are sharded over EP and, inside
-  each expert, over TP (expert tensor parallel = TP, Megatron's default: TP8 x EP4 spreads every layer's experts
-  over 32 devices, the "EP 32" some summaries of the 718B run give).
+  each expert, over TP where EP x TP fits the stage (``Layout.expert_tp``; Megatron's default expert tensor
+  parallel = TP: TP8 x EP4 spreads every layer's experts over 32 devices, the "EP 32" some summaries of the 718B
+  run give).
 - Activations are bf16, with flash attention (no S x S scores kept). Each micro-batch keeps, per layer and token,
   the tensors backward needs (listed in ``activation_elements``); sequence parallel divides the hidden-sized ones
   by TP, context parallel divides tokens by CP. Full recompute keeps only each layer's input. Stage 0 of 1F1B holds
@@ -75,7 +76,7 @@ def stage_memory(cfg: TrainConfig, layout: Layout, plan: StagePlan, stage: int,
     h, v = m.hidden_size, m.vocab_size
     layers = plan.stage_layers(stage)
     dense_shard = layout.dp * layout.cp
-    expert_shard = layout.stage_size // (layout.ep * layout.tp)
+    expert_shard = layout.stage_size // (layout.ep * layout.expert_tp)
     rep = tp = experts = 0.0
     for i in layers:
         part = layer_parameters(cfg, i)
@@ -91,7 +92,7 @@ def stage_memory(cfg: TrainConfig, layout: Layout, plan: StagePlan, stage: int,
             tp += part["tp"] + 2 * h * h
             experts += part["experts"]
     dense_params = rep + tp / layout.tp
-    expert_params = experts / (layout.ep * layout.tp)
+    expert_params = experts / (layout.ep * layout.expert_tp)
     shard = p.optimizer_shard if optimizer_shard is None else optimizer_shard
     opt_div = (dense_shard, expert_shard) if shard else (1, 1)
     weights = 2 * (dense_params + expert_params)

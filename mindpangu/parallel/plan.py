@@ -60,6 +60,11 @@ class Layout:
     def size(self, dim: str) -> int:
         return getattr(self, dim)
 
+    @property
+    def expert_tp(self) -> int:
+        """Tensor parallelism inside each expert: TP where EP x TP fits the stage, less when EP spans TP ranks."""
+        return math.gcd(self.tp, self.stage_size // self.ep)
+
     def ep_stride(self) -> int:
         """Product of the dims listed before ep in the order (ep's stride inside a stage)."""
         dims = self.order.split("-")

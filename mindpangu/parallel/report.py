@@ -5,6 +5,7 @@ from typing import List
 
 from ..config.schema import TrainConfig
 from .memory import GB, stage_memory
+from .distributed import msrun_command
 from .mesh import Mesh
 from .plan import check_layout, coordinates, groups, stage_plan
 
@@ -16,7 +17,7 @@ def _ranges(ranks: List[int]) -> str:
     return ",".join(map(str, ranks))
 
 
-def plan_report(cfg: TrainConfig, mesh: Mesh, max_rows: int = 16) -> str:
+def plan_report(cfg: TrainConfig, mesh: Mesh, max_rows: int = 16, config_path: str = "CONFIG.yaml") -> str:
     layout = check_layout(cfg, mesh.devices)
     p = cfg.parallel_config
     lines = [f"mesh    {mesh.describe()}",
@@ -62,4 +63,13 @@ def plan_report(cfg: TrainConfig, mesh: Mesh, max_rows: int = 16) -> str:
                      f"{worst['total'] / GB:.2f} GB ({worst['activations'] / GB:.2f} GB activations for "
                      f"{worst['inflight_microbatches']:.2f} micro-batches in flight): {verdict} in "
                      f"{mesh.hbm_gb:g} GB less 10% for buffers")
+    local = min(layout.world, mesh.devices_per_node)
+    multi = layout.world > local
+    pure_dp = layout.world == layout.dp
+    lines += ["", ("launch" + (f" (on every node; MASTER_ADDR = node 0's address, NODE_RANK = 0.."
+                                f"{layout.world // local - 1})" if multi else "")
+                   + ("" if pure_dp else "; tools/train.py runs pure data parallel today: this layout is checked "
+                      "by tools/sim_compile.py, not run")), "  " + msrun_command(
+                  layout.world, f"tools/train.py --config {config_path}", local_workers=local,
+                  master_addr="$MASTER_ADDR" if multi else "127.0.0.1", node_rank="$NODE_RANK" if multi else "")]
     return "\n".join(lines)

@@ -1,0 +1,241 @@
+"""MindSpore semi-auto-parallel strategies for the Pangu models, from the YAML's ``parallel_config``.
+
+``parallelize(model, cfg)`` annotates a built model in place (the model code is never edited per layout):
+- embedding: the table replicated (``vocab_emb_dp``) or split over the vocabulary by TP; ids split by DP;
+- linears by role: column-parallel (q_b/q/kv_b/k/v projections, SwiGLU gate/up, the LM head: output features
+  over TP), row-parallel (o_proj, SwiGLU down: input features over TP, partial sums all-reduced, or
+  reduce-scattered over tokens with sequence parallel), replicated (the MLA latent down-projections, eh_proj);
+- RMSNorm over (DP, sequence / TP with sequence parallel); the router replicated over tokens split by DP;
+- routed experts over EP on the expert axis and over ``Layout.expert_tp`` inside each expert, with the MoE layer
+  switched to its expert-major dispatch so that the redistribution between token-split and expert-split tensors
+  is the dispatch;
+- ``pipeline_stage`` (and ``pipeline_segment`` for VPP chunks) per cell from ``stage_plan``.
+Everything not named here (attention scores, RoPE, the routing arithmetic) keeps MindSpore's default strategy.
+
+``parameter_splits`` / ``predicted_slices`` state what each parameter's shard is on a given rank, from the same
+role table; the simulated Ascend compile (``sim_compile``) checks MindSpore's compiled layout against them.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Dict, Iterator, List, Tuple
+
+from mindspore import nn
+
+from ..config.schema import TrainConfig
+from ..layers import Embedding, Linear, RMSNorm, SwiGLU
+from ..moe.dispatch import GroupedExperts
+from ..moe.router import Router
+from .plan import Layout, ParallelConfigError, check_layout, stage_plan
+
+COLUMN = {"q_b_proj", "q_proj", "kv_b_proj", "k_proj", "v_proj", "gate_proj", "up_proj", "lm_head"}
+ROW = {"o_proj", "down_proj"}  # any other Linear (q_a_proj, kv_a_proj_with_mqa, eh_proj) is replicated
+
+
+@dataclass(frozen=True)
+class Degrees:
+    """The split factors strategies are made of."""
+    dp: int
+    tp: int
+    ep: int
+    etp: int
+    seq_parallel: bool
+    vocab_dp: bool
+
+    @classmethod
+    def from_config(cls, cfg: TrainConfig) -> "Degrees":
+        layout, p = Layout.from_config(cfg), cfg.parallel_config
+        if layout.cp > 1:
+            raise ParallelConfigError(
+                ["context_parallel > 1 has no semi-auto strategy here (it needs ring attention over sequence "
+                 "chunks); the plan, memory model and validation cover it, the MindSpore annotation does not"],
+                [f"fold it into data_parallel: data_parallel={layout.dp * layout.cp} context_parallel=1"])
+        return cls(layout.dp, layout.tp, layout.ep, layout.expert_tp, p.use_seq_parallel and layout.tp > 1,
+                   p.vocab_emb_dp)
+
+    @property
+    def tokens(self) -> int:
+        """Split of the token axis between sequence-parallel regions (norms, row-parallel outputs)."""
+        return self.dp * self.tp if self.seq_parallel else self.dp
+
+
+def linear_role(name: str) -> str:
+    leaf = name.rsplit(".", 1)[-1]
+    return "column" if leaf in COLUMN else "row" if leaf in ROW else "replicated"
+
+
+# ---- what each parameter's shard is ----------------------------------------------------------------------------
+
+def _cell_parameter_splits(name: str, cell: nn.Cell, d: Degrees) -> Dict[str, Tuple[int, ...]]:
+    if isinstance(cell, Linear):
+        role = linear_role(name)
+        weight = {"column": (d.tp, 1), "row": (1, d.tp), "replicated": (1, 1)}[role]
+        out = {"weight": weight}
+        if cell.bias is not None:
+            out["bias"] = (d.tp,) if role == "column" else (1,)
+        return out
+    if isinstance(cell, Embedding):
+        return {"weight": (1, 1) if d.vocab_dp else (d.tp, 1)}
+    if isinstance(cell, GroupedExperts):
+        return {"gate_proj": (d.ep, d.etp, 1), "up_proj": (d.ep, d.etp, 1), "down_proj": (d.ep, 1, d.etp)}
+    return {}
+
+
+def parameter_splits(model: nn.Cell, cfg: TrainConfig) -> Dict[str, Tuple[int, ...]]:
+    """Every parameter's split factor per axis (1 = whole) under ``cfg.parallel_config``."""
+    d = Degrees.from_config(cfg)
+    out = {}
+    for cell_name, cell in model.cells_and_names():
+        for leaf, split in _cell_parameter_splits(cell_name, cell, d).items():
+            out[f"{cell_name}.{leaf}" if cell_name else leaf] = split
+    for name, param in model.parameters_and_names():
+        out.setdefault(name, (1,) * len(param.shape))
+    return out
+
+
+def parameter_stage(name: str, cfg: TrainConfig, layer_stage: Dict[int, int]) -> int:
+    """The pipeline stage holding parameter ``name``: the embedding on the first, decoder layers by the stage plan,
+    the final norm, LM head and MTP layers on the last."""
+    if name.startswith("model.embed_tokens."):
+        return 0
+    if name.startswith("model.layers."):
+        return layer_stage[int(name.split(".")[2])]
+    return cfg.parallel_config.pipeline_stage - 1
+
+
+def layer_stages(cfg: TrainConfig) -> Dict[int, Tuple[int, int]]:
+    """Decoder layer -> (pipeline stage, VPP chunk index on that stage)."""
+    layout = Layout.from_config(cfg)
+    plan = stage_plan(cfg, layout)
+    return {i: (c % layout.pp, c // layout.pp) for c, ls in enumerate(plan.layers) for i in ls}
+
+
+def predicted_slices(model: nn.Cell, cfg: TrainConfig, rank: int) -> Dict[str, Tuple[int, ...]]:
+    """Shape of every parameter held by ``rank`` (those of its pipeline stage), as the compile should slice it."""
+    layout = Layout.from_config(cfg)
+    stage = rank // layout.stage_size
+    splits = parameter_splits(model, cfg)
+    stages = {i: s for i, (s, _) in layer_stages(cfg).items()}
+    out = {}
+    for name, param in model.parameters_and_names():
+        if parameter_stage(name, cfg, stages) == stage:
+            out[name] = tuple(n // f for n, f in zip(param.shape, splits[name]))
+    return out
+
+
+# ---- annotating the model --------------------------------------------------------------------------------------
+
+def _shard_linear(name: str, cell: Linear, d: Degrees):
+    role = linear_role(name)
+    if role == "column":
+        cell.matmul.shard(((d.dp, 1), (d.tp, 1)))
+        cell.add_bias.shard(((d.dp, d.tp), (d.tp,)))
+    elif role == "row":
+        if d.seq_parallel:  # partial sums reduce-scattered over tokens instead of all-reduced
+            cell.matmul.shard(((d.dp, d.tp), (1, d.tp)), out_strategy=((d.dp * d.tp, 1),))
+        else:
+            cell.matmul.shard(((d.dp, d.tp), (1, d.tp)))
+        cell.add_bias.shard(((d.tokens, 1), (1,)))
+    else:
+        cell.matmul.shard(((d.dp, 1), (1, 1)))
+        cell.add_bias.shard(((d.dp, 1), (1,)))
+
+
+def _shard_norm(cell: RMSNorm, d: Degrees):
+    s = (d.dp, d.tp if d.seq_parallel else 1, 1)  # norms see [B, S, hidden]
+    cell.square.shard((s,))
+    cell.mean.shard((s,))
+    cell.add_eps.shard((s, ()))
+    cell.rsqrt.shard((s,))
+    cell.normalise.shard((s, s))
+    cell.scale.shard((s, (1,)))
+
+
+def _shard_experts(cell: GroupedExperts, d: Degrees):
+    cell.expert_major = True
+    e, t = d.ep, d.etp
+    cell.sort.shard(((1,),))
+    cell.dispatch_rows.shard(((1, 1), (e, 1)))  # [T+1, H] by [E, T] -> [E, T, H], experts over EP
+    cell.bmm_gate.shard(((e, 1, 1), (e, t, 1)))
+    cell.bmm_up.shard(((e, 1, 1), (e, t, 1)))
+    cell.silu.shard(((e, 1, t),))
+    cell.mul.shard(((e, 1, t), (e, 1, t)))
+    cell.bmm_down.shard(((e, 1, t), (e, 1, t)))
+    cell.combine_rows.shard(((1, 1), (d.dp,)))  # back to routed rows in token order, split by DP
+
+
+def sharded_primitives(model: nn.Cell) -> Iterator[Tuple[str, object]]:
+    """(cell path + attribute, primitive) of every primitive ``parallelize`` gives a strategy."""
+    for name, cell in model.cells_and_names():
+        attrs = {Linear: ("matmul", "add_bias") if getattr(cell, "bias", None) is not None else ("matmul",), RMSNorm: ("square", "mean", "add_eps", "rsqrt", "normalise", "scale"),
+                 SwiGLU: ("silu", "mul"), Embedding: ("gather",), Router: ("matmul",),
+                 GroupedExperts: ("sort", "dispatch_rows", "bmm_gate", "bmm_up", "silu", "mul", "bmm_down",
+                                  "combine_rows")}.get(type(cell), ())
+        for attr in attrs:
+            yield f"{name}.{attr}", getattr(cell, attr)
+
+
+def parallelize(model: nn.Cell, cfg: TrainConfig) -> nn.Cell:
+    """Give ``model`` the shard strategies and pipeline stages of ``cfg.parallel_config`` (in place)."""
+    check_layout(cfg)
+    d = Degrees.from_config(cfg)
+    for name, cell in model.cells_and_names():
+        if isinstance(cell, Linear):
+            _shard_linear(name, cell, d)
+        elif isinstance(cell, RMSNorm):
+            _shard_norm(cell, d)
+        elif isinstance(cell, SwiGLU):
+            cell.silu.shard(((d.dp, 1, d.tp),))  # [B, S, intermediate]
+            cell.mul.shard(((d.dp, 1, d.tp), (d.dp, 1, d.tp)))
+        elif isinstance(cell, Embedding):
+            cell.gather.shard(((1, 1) if d.vocab_dp else (d.tp, 1), (d.dp, 1)))
+        elif isinstance(cell, Router):
+            cell.matmul.shard(((d.tokens, 1), (1, 1)))
+        elif isinstance(cell, GroupedExperts):
+            _shard_experts(cell, d)
+    if cfg.parallel_config.pipeline_stage > 1:
+        assign_stages(model, cfg)
+    return model
+
+
+def assign_stages(model: nn.Cell, cfg: TrainConfig):
+    """``pipeline_stage`` / ``pipeline_segment`` of every top-level piece of the model."""
+    last = cfg.parallel_config.pipeline_stage - 1
+    inner = model.model
+    inner.embed_tokens.pipeline_stage = 0
+    for i, (stage, chunk) in layer_stages(cfg).items():
+        inner.layers[i].pipeline_stage = stage
+    inner.norm.pipeline_stage = last
+    if hasattr(model, "lm_head"):
+        model.lm_head.pipeline_stage = last
+    if inner.num_mtp:
+        for layer in inner.mtp_layers:
+            layer.pipeline_stage = last
+
+
+def auto_parallel_context(cfg: TrainConfig) -> dict:
+    """Keyword arguments for ``mindspore.set_auto_parallel_context`` for this recipe."""
+    layout, p = Layout.from_config(cfg), cfg.parallel_config
+    ctx = {"parallel_mode": "semi_auto_parallel", "device_num": layout.world, "full_batch": True,
+           "pipeline_stages": layout.pp, "enable_parallel_optimizer": p.optimizer_shard,
+           "gradients_mean": True}
+    if layout.vpp > 1:
+        ctx["pipeline_config"] = {"pipeline_interleave": True, "pipeline_scheduler": "1f1b"}
+    return ctx
+
+
+def strategy_problems(strategy, shapes: List[Tuple[int, ...]], devices: int) -> List[str]:
+    """Why a primitive's strategy does not fit its inputs: one tuple per input, one factor per axis, each factor
+    dividing its axis, the product of the factors at most the devices of a stage."""
+    out = []
+    if len(strategy) != len(shapes):
+        return [f"{len(strategy)} strategy tuples for {len(shapes)} inputs"]
+    for i, (s, shape) in enumerate(zip(strategy, shapes)):
+        if len(s) != len(shape):
+            out.append(f"input {i}: strategy {s} has {len(s)} factors for a rank-{len(shape)} input {shape}")
+            continue
+        out += [f"input {i}: factor {f} does not divide axis {a} ({n})" for a, (f, n) in enumerate(zip(s, shape)) if n % f]
+        if math.prod(s) > devices or devices % math.prod(s):
+            out.append(f"input {i}: strategy {s} uses {math.prod(s)} devices; a stage has {devices}")
+    return out

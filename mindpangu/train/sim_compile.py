@@ -1,0 +1,178 @@
+"""Compile the training step for a real Ascend parallel layout on this CPU, as one simulated rank.
+
+The stock MindSpore wheel ships the Ascend plugin but not the CANN libraries it links. ``make_fake_cann.sh``
+generates stub libraries (every missing symbol returns 0; compile-only, never used to execute) into a cache; with
+them, ``MS_SIMULATION_LEVEL=0`` makes MindSpore use a dummy communicator and compile the semi-auto-parallel
+graph for ``RANK_ID`` of ``RANK_SIZE`` ranks. The graph is then dropped (the step "returns" a dummy 0).
+
+What it proves: the strategies ``mindpangu.parallel.parallelize`` generates are accepted by MindSpore's parallel
+compiler for the layout (redistributions, pipeline send/receive, optimizer) and each parameter's compiled slice
+on that rank equals ``predicted_slices``. What it cannot: memory figures or numerics (levels 1-3 need the real
+CANN toolkit).
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional
+
+from ..fsutil import cache_root, replace_dir, staging_dir
+
+SCRIPT = os.path.join(os.path.dirname(os.path.dirname(__file__)), "parallel", "make_fake_cann.sh")
+
+
+def stub_cann(python: str = sys.executable, log=print) -> str:
+    """The stub CANN directory for this MindSpore, built once into the cache (about a minute)."""
+    import mindspore
+
+    final = os.path.join(cache_root(), "fake_cann", mindspore.__version__)
+    if os.path.isfile(os.path.join(final, "latest", "lib64", "libge_runner.so")):
+        return final
+    log(f"building stub CANN libraries for mindspore {mindspore.__version__} into {final} ...")
+    os.makedirs(os.path.dirname(final), exist_ok=True)
+    tmp = staging_dir(final)
+    subprocess.run(["bash", SCRIPT, python, tmp], check=True, stdout=subprocess.DEVNULL)
+    replace_dir(tmp, final)
+    return final
+
+
+@dataclass
+class CompileReport:
+    config: str
+    rank: int
+    layout: str
+    stage: int
+    slices: Dict[str, List[int]]           # compiled: parameter -> slice shape on this rank
+    predicted: Dict[str, List[int]]        # mindpangu.parallel.predicted_slices
+    strategy_file: str
+    strategies: int                        # operator strategies in the strategy file
+    seconds: float
+    notes: List[str] = field(default_factory=list)
+    mismatches: List[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.mismatches
+
+
+def compare(slices: Dict[str, List[int]], predicted: Dict[str, List[int]]) -> List[str]:
+    out = [f"{n}: compiled {slices[n]}, predicted {predicted[n]}" for n in sorted(set(slices) & set(predicted))
+           if list(slices[n]) != list(predicted[n])]
+    out += [f"{n}: compiled on this rank, predicted on another stage" for n in sorted(set(slices) - set(predicted))]
+    out += [f"{n}: predicted on this rank, not compiled here" for n in sorted(set(predicted) - set(slices))]
+    return out
+
+
+def compile_rank(config: str, rank: int, out_dir: str, overrides: Optional[List[str]] = None,
+                 timeout: int = 900, log=print) -> CompileReport:
+    """Compile ``config``'s training step as simulated ``rank`` in a child process; the report compares slices."""
+    from ..config import load_config
+    from ..parallel.plan import Layout
+
+    cfg = load_config(config, overrides=overrides or [])
+    layout = Layout.from_config(cfg)
+    if not 0 <= rank < layout.world:
+        raise ValueError(f"--rank {rank}: the layout {layout.short()} has ranks 0..{layout.world - 1}")
+    stubs = stub_cann(log=log)
+    os.makedirs(out_dir, exist_ok=True)
+    env = dict(os.environ, LD_LIBRARY_PATH=os.path.join(stubs, "latest", "lib64"),
+               PYTHONPATH=os.pathsep.join([os.path.join(stubs, "py")] + [p for p in sys.path if p]),
+               MS_SIMULATION_LEVEL="0", RANK_SIZE=str(layout.world), RANK_ID=str(rank), GLOG_v="3")
+    args = [sys.executable, "-m", "mindpangu.train.sim_compile", os.path.abspath(config), str(rank),
+            os.path.abspath(out_dir)] + list(overrides or [])
+    run = subprocess.run(args, env=env, cwd=out_dir, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                         text=True, timeout=timeout)
+    result = os.path.join(out_dir, f"rank{rank}.json")
+    log_file = os.path.join(out_dir, f"rank{rank}.log")
+    lines = [line for line in run.stdout.splitlines() if "Dynamically load symbol" not in line]
+    with open(log_file, "w") as f:
+        f.write("\n".join(lines))
+    if run.returncode != 0 or not os.path.isfile(result):
+        errors = [i for i, line in enumerate(lines) if line.split(":")[0].endswith(("Error", "Exception"))]
+        what = "\n".join(lines[errors[-1]: errors[-1] + 12]) if errors else "\n".join(lines[-20:])
+        raise RuntimeError(f"simulated compile of {config} as rank {rank} failed (exit {run.returncode}; full log "
+                           f"{log_file}):\n{what}")
+    with open(result) as f:
+        data = json.load(f)
+    report = CompileReport(config=config, rank=rank, layout=layout.short(), **data)
+    report.mismatches = compare(report.slices, report.predicted)
+    return report
+
+
+def _worker(config: str, rank: int, out_dir: str, overrides: List[str]) -> None:
+    """Child process: Ascend target, dummy communicator, semi-auto parallel; compile one training step."""
+    import time
+
+    import numpy as np
+    import mindspore as ms
+    import mindspore.dataset as ds
+    from mindspore import nn
+    from mindspore.communication import init
+
+    from ..config import load_config
+    from ..models import build_model
+    from ..parallel.strategy import auto_parallel_context, parallelize, predicted_slices
+    from .step import LossNet, moe_layers
+
+    start = time.time()
+    cfg = load_config(config, overrides=overrides)
+    ms.set_context(mode=ms.GRAPH_MODE)
+    ms.set_device("Ascend")
+    init()
+    strategy_file = os.path.join(out_dir, f"strategy_rank{rank}.ckpt")
+    ms.set_auto_parallel_context(**auto_parallel_context(cfg), strategy_ckpt_config={"save_file": strategy_file})
+    cfg.model.moe.dispatch_backend = "reference"  # the C++ CPU kernels have no Ascend build
+    notes = []
+    if cfg.parallel_config.pipeline_stage > 1 and cfg.model.moe.balance_loss.type != "none":
+        # LossNet pools every layer's router outputs at the end; across pipeline stages MindSpore's compiler
+        # fails on that (bprop of the pooled means); the balance loss would have to be accumulated per stage
+        cfg.model.moe.balance_loss.type = "none"
+        notes.append("pipeline: compiled without the balance loss (router statistics are pooled across stages "
+                     "at the end of LossNet, which MindSpore's pipeline compiler rejects)")
+    model = parallelize(build_model(cfg.model, seed=cfg.seed), cfg)
+    predicted = {k: list(v) for k, v in predicted_slices(model, cfg, rank).items()}  # before compiling slices them
+    num_moe, experts = len(moe_layers(model)), cfg.model.moe.num_experts
+
+    class TrainLoss(nn.Cell):
+        def __init__(self):
+            super().__init__(auto_prefix=False)
+            self.loss = LossNet(model, cfg)
+            self.pooled = ms.Tensor(np.zeros((max(1, num_moe), experts), np.float32))
+            self.one = ms.Tensor(1.0, ms.float32)
+
+        def construct(self, tokens):
+            return self.loss(tokens, self.pooled, self.one, self.one)[0]
+
+    if cfg.parallel_config.pp_interleave_num > 1:  # MindSpore requires lazy_inline for interleaved pipelines
+        TrainLoss.__init__ = ms.lazy_inline(TrainLoss.__init__)
+    net = TrainLoss()
+    p = cfg.parallel_config
+    micro = p.micro_batch_num if p.pipeline_stage > 1 else 1
+    if p.pipeline_stage > 1:
+        net = nn.PipelineCell(net, micro)
+    batch = cfg.runner_config.batch_size * p.data_parallel * micro
+    tokens = np.zeros((2 * batch, cfg.train_dataset.seq_length + 1), np.int32)
+    data = ds.NumpySlicesDataset({"tokens": tokens}, shuffle=False).batch(batch)
+    optimizer = nn.AdamWeightDecay(net.trainable_params(), 1e-3)
+    train = ms.train.Model(net, optimizer=optimizer)
+    train.train(1, data, dataset_sink_mode=False)
+    slices = {name: [int(n) for n in layout[2]] for name, layout in train.train_network.parameter_layout_dict.items()
+              if name in dict(model.parameters_and_names())}
+    from mindspore.train.node_strategy_pb2 import ParallelStrategyMap
+
+    strategy_map = ParallelStrategyMap()
+    with open(strategy_file, "rb") as f:
+        strategy_map.ParseFromString(f.read())
+    stage = rank // (cfg.parallel_config.data_parallel * cfg.parallel_config.model_parallel
+                     * cfg.parallel_config.context_parallel)
+    out = {"notes": notes, "stage": stage, "slices": slices, "predicted": predicted, "strategy_file": strategy_file,
+           "strategies": len(strategy_map.parallel_strategy_item), "seconds": round(time.time() - start, 1)}
+    with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
+        json.dump(out, f, indent=1)
+
+
+if __name__ == "__main__":
+    _worker(sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4:])
