@@ -8,7 +8,7 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     packages=find_packages(include=["mindpangu", "mindpangu.*"]),
-    package_data={"mindpangu": ["py.typed"]},
+    package_data={"mindpangu": ["py.typed", "parallel/make_fake_cann.sh"]},
     python_requires=">=3.9",
     install_requires=[
         # 2.10.0 is the tested default; 2.9.x is admitted so the mindformers extra can install.
@@ -25,6 +25,8 @@ setup(
     extras_require={
         # Peer references for parity tests (torch CPU + Hugging Face transformers).
         "test": ["pytest>=7", "torch>=2.2", "transformers>=4.48"],
+        # MindSpore Transformers integration (pins mindspore 2.9.x: install it in its own environment).
+        "mindformers": ["mindformers==1.9.0", "pytest>=7"],
     },
     entry_points={
         "console_scripts": [
@@ -38,6 +40,7 @@ setup(
             "mindpangu-generate=mindpangu.cli:generate_main",
             "mindpangu-plan=mindpangu.cli:plan_main",
             "mindpangu-sim-compile=mindpangu.cli:sim_compile_main",
+            "mindpangu-to-mindformers=mindpangu.cli:to_mindformers_main",
         ],
     },
 )

@@ -333,3 +333,47 @@ def sim_compile_main(argv=None):
         failed |= not r.ok
     if failed:
         raise SystemExit(1)
+
+
+def to_mindformers_main(argv=None):
+    """Convert a mindpangu recipe to a mindformers YAML (model arch/model_config, parallel_config with the stage
+    plan's offset, parallel context, AdamW, LR schedule, callbacks), or back with --reverse."""
+    p = argparse.ArgumentParser(prog="mindpangu-to-mindformers", description=to_mindformers_main.__doc__)
+    p.add_argument("--config", required=True, help="our recipe, or with --reverse a mindformers YAML")
+    p.add_argument("overrides", nargs="*", help="key.path=value overrides (our recipe only)")
+    p.add_argument("--out", required=True, help="YAML file to write")
+    p.add_argument("--reverse", action="store_true", help="mindformers YAML -> our recipe")
+    args = p.parse_intermixed_args(argv)
+    import yaml
+
+    from .config import load_config
+    from .config.core import build_section
+    from .config.schema import TrainConfig
+    from .fsutil import write_text_atomic
+    from .integrations.mindformers_recipe import from_mindformers, to_mindformers
+
+    if args.reverse:
+        if args.overrides:
+            p.error("overrides apply to our recipes; edit the mindformers YAML or convert first")
+        with open(args.config, encoding="utf-8") as f:
+            data = from_mindformers(yaml.safe_load(f))
+        build_section(TrainConfig, data, "", {})  # validate before writing
+        header = f"# mindpangu recipe converted from the mindformers YAML {os.path.basename(args.config)}\n"
+    else:
+        data = to_mindformers(load_config(args.config, args.overrides))
+        header = (f"# mindformers recipe written by tools/to_mindformers.py from {os.path.basename(args.config)}"
+                  f"{' ' + ' '.join(args.overrides) if args.overrides else ''}; needs `import "
+                  "mindpangu.integrations.mindformers` (registers the models)\n")
+    out_dir = os.path.dirname(os.path.abspath(args.out))
+
+    def relative(value):  # our loader resolves paths against the file's directory: keep the YAML portable
+        if isinstance(value, dict):
+            return {k: relative(v) for k, v in value.items()}
+        if isinstance(value, list):
+            return [relative(v) for v in value]
+        if isinstance(value, str) and os.path.isabs(value) and os.path.exists(value):
+            return os.path.relpath(value, out_dir)
+        return value
+
+    write_text_atomic(args.out, header + yaml.safe_dump(relative(data), sort_keys=False))
+    print(f"wrote {args.out}")

@@ -28,3 +28,11 @@ def replace_dir(tmp: str, final: str) -> None:
         shutil.rmtree(old)
     else:
         os.replace(tmp, final)
+
+
+def write_text_atomic(path: str, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file and a rename: readers see the old or the new file."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+    os.replace(tmp, path)
