@@ -101,5 +101,5 @@ def test_mindformers_cosine_schedule_matches_ours():
     theirs = [float(lr(ms.Tensor(s, ms.int32)).asnumpy()) for s in range(total)]
     ours = [learning_rate(s, total, cfg.lr_schedule) for s in range(total)]
     # after warmup both are the same cosine; during warmup mindformers starts at 0, we start at lr / warmup
-    np.testing.assert_allclose(theirs[10:], ours[10:], rtol=2e-3, atol=1e-7)
+    np.testing.assert_allclose(theirs[10:], ours[10:], rtol=1e-5)  # measured 3.7e-7
     np.testing.assert_allclose(theirs[1:10], ours[:9], rtol=1e-5)

@@ -9,7 +9,8 @@
 - routed experts over EP on the expert axis and over ``Layout.expert_tp`` inside each expert, with the MoE layer
   switched to its expert-major dispatch so that the redistribution between token-split and expert-split tensors
   is the dispatch;
-- ``pipeline_stage`` (and ``pipeline_segment`` for VPP chunks) per cell from ``stage_plan``.
+- ``pipeline_stage`` per cell from ``stage_plan`` (with VPP, each layer's stage is its chunk's; MindSpore orders the
+  chunks of a stage itself, as mindformers relies on).
 Everything not named here (attention scores, RoPE, the routing arithmetic) keeps MindSpore's default strategy.
 
 ``parameter_splits`` / ``predicted_slices`` state what each parameter's shard is on a given rank, from the same
@@ -200,11 +201,11 @@ def parallelize(model: nn.Cell, cfg: TrainConfig) -> nn.Cell:
 
 
 def assign_stages(model: nn.Cell, cfg: TrainConfig):
-    """``pipeline_stage`` / ``pipeline_segment`` of every top-level piece of the model."""
+    """``pipeline_stage`` of the embedding, every decoder layer, the final norm, the LM head and the MTP layers."""
     last = cfg.parallel_config.pipeline_stage - 1
     inner = model.model
     inner.embed_tokens.pipeline_stage = 0
-    for i, (stage, chunk) in layer_stages(cfg).items():
+    for i, (stage, _) in layer_stages(cfg).items():
         inner.layers[i].pipeline_stage = stage
     inner.norm.pipeline_stage = last
     if hasattr(model, "lm_head"):
