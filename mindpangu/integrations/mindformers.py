@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import logging
 
-import numpy as np
-import mindspore as ms
 from mindspore import nn
 
 try:
@@ -29,7 +27,7 @@ from ..config import ConfigError
 from ..config.loader import model_config_from_dict
 from ..config.schema import TrainConfig
 from ..models import build_model
-from ..train.step import LossNet, moe_layers
+from ..train.step import TotalLoss
 
 # keys mindformers puts into a model config that are not model hyper-parameters (its trainer passes the last five)
 MINDFORMERS_KEYS = ("offset", "pp_interleave_num", "checkpoint_name_or_path", "pet_config", "quantization_config",
@@ -79,10 +77,7 @@ class _PanguForCausalLM(nn.Cell):
         self.network = build_model(config.model, seed=seed)
         train_cfg = TrainConfig()
         train_cfg.model = config.model
-        self.loss = LossNet(self.network, train_cfg)
-        self.pooled = ms.Tensor(np.zeros((max(1, len(moe_layers(self.network))), config.model.moe.num_experts),
-                                         np.float32))
-        self.one = ms.Tensor(1.0, ms.float32)
+        self.loss = TotalLoss(self.network, train_cfg)
 
     def can_generate(self):
         return False
@@ -96,7 +91,7 @@ class _PanguForCausalLM(nn.Cell):
 
     def construct(self, input_ids):
         """input_ids [B, S + 1] -> training loss over predicting tokens 1..S."""
-        return self.loss(input_ids, self.pooled, self.one, self.one)[0]
+        return self.loss(input_ids)
 
 
 @MindFormerRegister.register(MindFormerModuleType.MODELS)

@@ -18,6 +18,9 @@ ARCH = {"pangu_ultra_moe": ("PanguUltraMoEForCausalLM", "PanguUltraMoEConfig"),
 MF_PARALLEL = ("data_parallel", "model_parallel", "context_parallel", "expert_parallel", "pipeline_stage",
                "micro_batch_num", "use_seq_parallel", "vocab_emb_dp", "optimizer_shard", "gradient_aggregation_group")
 MF_RUNNER = ("epochs", "batch_size", "sink_mode", "sink_size", "gradient_accumulation_steps")
+MF_OPTIMIZER = ("betas", "eps", "weight_decay")
+MF_LR = ("learning_rate", "lr_end", "warmup_steps")
+GENERAL = ("seed", "output_dir", "run_mode", "resume_training", "load_checkpoint")  # same keys in both dialects
 LR_TYPES = {"cosine": "CosineWithWarmUpLR", "constant": "ConstantWarmUpLR"}
 
 
@@ -35,7 +38,6 @@ def to_mindformers(cfg: TrainConfig) -> Dict[str, Any]:
     runner = ours.pop("runner_config")
     opt = ours.pop("optimizer")
     lr = ours.pop("lr_schedule")
-    context = ours.pop("context")
     recompute = ours.pop("recompute_config")
     model_config = {"type": config_type, **model, "pp_interleave_num": par.pop("pp_interleave_num")}
     if layout.pp > 1:
@@ -45,19 +47,13 @@ def to_mindformers(cfg: TrainConfig) -> Dict[str, Any]:
                 "strategy_ckpt_config": {"save_file": "./ckpt_strategy.ckpt", "only_trainable_params": False}}
     if layout.vpp > 1:
         parallel["pipeline_config"] = {"pipeline_interleave": True, "pipeline_scheduler": "1f1b"}
-    extra: Dict[str, Any] = {k: ours.pop(k) for k in list(ours) if k not in ("seed", "output_dir", "run_mode",
-                                                                           "use_parallel", "resume_training",
-                                                                           "load_checkpoint", "checkpoint")}
+    extra: Dict[str, Any] = {k: ours.pop(k) for k in list(ours) if k not in GENERAL}  # data, logging, mesh, ...
     extra["parallel_config"] = {k: v for k, v in par.items() if k not in MF_PARALLEL}
     extra["runner_config"] = {k: v for k, v in runner.items() if k not in MF_RUNNER}
-    extra["optimizer"] = {k: v for k, v in opt.items() if k not in ("betas", "eps", "weight_decay")}
-    extra["lr_schedule"] = {k: v for k, v in lr.items() if k not in ("learning_rate", "lr_end", "warmup_steps")}
-    extra["context"] = context
-    extra["use_parallel"] = ours["use_parallel"]
-    ckpt = ours.pop("checkpoint")
-    extra["checkpoint"] = ckpt
-    out = {k: ours[k] for k in ("seed", "output_dir", "run_mode", "use_parallel", "resume_training",
-                                "load_checkpoint")}
+    extra["optimizer"] = {k: v for k, v in opt.items() if k not in MF_OPTIMIZER}
+    extra["lr_schedule"] = {k: v for k, v in lr.items() if k not in MF_LR}
+    ckpt = extra["checkpoint"]
+    out = {k: ours[k] for k in GENERAL}
     out["use_parallel"] = layout.world > 1
     out.update({
         "trainer": {"type": "CausalLanguageModelingTrainer", "model_name": arch},
@@ -66,9 +62,8 @@ def to_mindformers(cfg: TrainConfig) -> Dict[str, Any]:
         "parallel": parallel,
         "runner_config": {k: runner[k] for k in MF_RUNNER},
         "recompute_config": recompute,
-        "optimizer": {"type": "AdamW", "betas": opt["betas"], "eps": opt["eps"], "weight_decay": opt["weight_decay"]},
-        "lr_schedule": {"type": LR_TYPES.get(lr["type"], lr["type"]), "learning_rate": lr["learning_rate"],
-                        "lr_end": lr["lr_end"], "warmup_steps": lr["warmup_steps"],
+        "optimizer": {"type": "AdamW", **{k: opt[k] for k in MF_OPTIMIZER}},
+        "lr_schedule": {"type": LR_TYPES.get(lr["type"], lr["type"]), **{k: lr[k] for k in MF_LR},
                         "total_steps": runner["train_steps"]},
         "context": {"mode": 0, "device_target": "Ascend", "max_device_memory": "58GB",
                     "jit_config": {"jit_level": "O1"}},
@@ -93,8 +88,7 @@ def from_mindformers(mf: Dict[str, Any]) -> Dict[str, Any]:
     model_config.pop("type", None)
     model_config.pop("offset", None)  # recomputed from the stage plan
     vpp = model_config.pop("pp_interleave_num", 1)
-    out: Dict[str, Any] = {k: mf[k] for k in ("seed", "output_dir", "run_mode", "use_parallel", "resume_training",
-                                              "load_checkpoint") if k in mf}
+    out: Dict[str, Any] = {k: mf[k] for k in GENERAL + ("use_parallel",) if k in mf}
     out["model"] = {"type": types[arch], **model_config}
     if "recompute_config" in mf:
         out["recompute_config"] = mf["recompute_config"]
@@ -107,9 +101,9 @@ def from_mindformers(mf: Dict[str, Any]) -> Dict[str, Any]:
         runner["train_steps"] = lr["total_steps"]
     out["runner_config"] = runner
     opt = mf.get("optimizer", {})
-    out["optimizer"] = {**{k: opt[k] for k in ("betas", "eps", "weight_decay") if k in opt},
+    out["optimizer"] = {**{k: opt[k] for k in MF_OPTIMIZER if k in opt},
                         **extra.pop("optimizer", {"type": "AdamW"})}
-    out["lr_schedule"] = {**{k: lr[k] for k in ("learning_rate", "lr_end", "warmup_steps") if k in lr},
+    out["lr_schedule"] = {**{k: lr[k] for k in MF_LR if k in lr},
                           **extra.pop("lr_schedule", {"type": back.get(lr.get("type"), "cosine")})}
     out.update(extra)
     return out

@@ -23,6 +23,16 @@ def block_size(rows: int, num_experts: int) -> int:
     return int(min(128, max(8, 2 ** int(math.log2(max(1, mean // 2))))))
 
 
+def expert_ranks(indices, num_experts: int):
+    """indices [T, K] int32 -> (expert of each routed row [R], rows per expert [E], position of each row inside
+    its expert [R]), all int32, rows in token order."""
+    flat = indices.reshape(-1)
+    onehot = ops.one_hot(flat, num_experts, Tensor(1, ms.int32), Tensor(0, ms.int32))  # [R, E]
+    counts = onehot.sum(0).astype(ms.int32)  # sums promote to int64, which Ascend's CumSum refuses
+    rank = ((ops.cumsum(onehot, 0) - 1) * onehot).sum(1).astype(ms.int32)
+    return flat, counts, rank
+
+
 def permute_plan(indices, num_experts: int, block: int):
     """Where every routed row goes.
 
@@ -30,10 +40,7 @@ def permute_plan(indices, num_experts: int, block: int):
     block_expert [S / block] int32, counts [E] int32). Rows keep token order inside each expert (stable).
     """
     rows = indices.shape[0] * indices.shape[1]
-    flat = indices.reshape(-1)
-    onehot = ops.one_hot(flat, num_experts, Tensor(1, ms.int32), Tensor(0, ms.int32))  # [R, E]
-    counts = onehot.sum(0).astype(ms.int32)  # sums promote to int64, which Ascend's CumSum refuses
-    rank = ((ops.cumsum(onehot, 0) - 1) * onehot).sum(1).astype(ms.int32)  # position of each row inside its expert
+    flat, counts, rank = expert_ranks(indices, num_experts)
     padded = (counts + (block - 1)) // block * block
     pad_end = ops.cumsum(padded, 0)
     pad_start = pad_end - padded
@@ -56,10 +63,7 @@ def expert_major_plan(indices, num_experts: int, capacity: int, sort):
     Rows keep token order inside each expert; ``capacity = T`` never drops (a token picks an expert at most once).
     """
     rows = indices.shape[0] * indices.shape[1]
-    flat = indices.reshape(-1)
-    onehot = ops.one_hot(flat, num_experts, Tensor(1, ms.int32), Tensor(0, ms.int32))  # [R, E]
-    counts = onehot.sum(0).astype(ms.int32)
-    rank = ((ops.cumsum(onehot, 0) - 1) * onehot).sum(1).astype(ms.int32)
+    flat, counts, rank = expert_ranks(indices, num_experts)
     slot_of_row = flat * capacity + rank
     row_ids = ops.arange(0, rows).astype(ms.int32)
     _, by_expert = sort(flat * rows + row_ids)  # rows grouped by expert, token order inside each

@@ -114,8 +114,9 @@ def _worker(config: str, rank: int, out_dir: str, overrides: List[str]) -> None:
 
     from ..config import load_config
     from ..models import build_model
+    from ..parallel.plan import Layout
     from ..parallel.strategy import auto_parallel_context, parallelize, predicted_slices
-    from .step import LossNet, moe_layers
+    from .step import TotalLoss
 
     start = time.time()
     cfg = load_config(config, overrides=overrides)
@@ -134,21 +135,13 @@ def _worker(config: str, rank: int, out_dir: str, overrides: List[str]) -> None:
                      "at the end of LossNet, which MindSpore's pipeline compiler rejects)")
     model = parallelize(build_model(cfg.model, seed=cfg.seed), cfg)
     predicted = {k: list(v) for k, v in predicted_slices(model, cfg, rank).items()}  # before compiling slices them
-    num_moe, experts = len(moe_layers(model)), cfg.model.moe.num_experts
 
-    class TrainLoss(nn.Cell):
-        def __init__(self):
-            super().__init__(auto_prefix=False)
-            self.loss = LossNet(model, cfg)
-            self.pooled = ms.Tensor(np.zeros((max(1, num_moe), experts), np.float32))
-            self.one = ms.Tensor(1.0, ms.float32)
+    class PipelinedLoss(TotalLoss):
+        @ms.lazy_inline  # MindSpore requires it for interleaved pipelines: one graph reused per micro-batch
+        def __init__(self, *args):
+            super().__init__(*args)
 
-        def construct(self, tokens):
-            return self.loss(tokens, self.pooled, self.one, self.one)[0]
-
-    if cfg.parallel_config.pp_interleave_num > 1:  # MindSpore requires lazy_inline for interleaved pipelines
-        TrainLoss.__init__ = ms.lazy_inline(TrainLoss.__init__)
-    net = TrainLoss()
+    net = (PipelinedLoss if cfg.parallel_config.pp_interleave_num > 1 else TotalLoss)(model, cfg)
     p = cfg.parallel_config
     micro = p.micro_batch_num if p.pipeline_stage > 1 else 1
     if p.pipeline_stage > 1:
@@ -159,15 +152,15 @@ def _worker(config: str, rank: int, out_dir: str, overrides: List[str]) -> None:
     optimizer = nn.AdamWeightDecay(net.trainable_params(), 1e-3)
     train = ms.train.Model(net, optimizer=optimizer)
     train.train(1, data, dataset_sink_mode=False)
+    names = {name for name, _ in model.parameters_and_names()}
     slices = {name: [int(n) for n in layout[2]] for name, layout in train.train_network.parameter_layout_dict.items()
-              if name in dict(model.parameters_and_names())}
+              if name in names}
     from mindspore.train.node_strategy_pb2 import ParallelStrategyMap
 
     strategy_map = ParallelStrategyMap()
     with open(strategy_file, "rb") as f:
         strategy_map.ParseFromString(f.read())
-    stage = rank // (cfg.parallel_config.data_parallel * cfg.parallel_config.model_parallel
-                     * cfg.parallel_config.context_parallel)
+    stage = rank // Layout.from_config(cfg).stage_size
     out = {"notes": notes, "stage": stage, "slices": slices, "predicted": predicted, "strategy_file": strategy_file,
            "strategies": len(strategy_map.parallel_strategy_item), "seconds": round(time.time() - start, 1)}
     with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:

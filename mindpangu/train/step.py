@@ -68,6 +68,21 @@ class LossNet(nn.Cell):
         return total * scale, (lm, mtp, mean_bal, zl, stacked)
 
 
+class TotalLoss(nn.Cell):
+    """tokens [B, S+1] -> the scalar training loss, for train steps built outside ``StepRunner`` (MindSpore's
+    TrainOneStepCell under mindformers, the simulated parallel compile). The global_batch balance loss needs the
+    global batch's pooled counts, which only ``StepRunner`` gathers: here they are zero, so that term is 0."""
+
+    def __init__(self, model, cfg: TrainConfig):
+        super().__init__(auto_prefix=False)
+        self.loss = LossNet(model, cfg)
+        self.pooled = ms.Tensor(np.zeros((max(1, self.loss.num_moe), cfg.model.moe.num_experts), np.float32))
+        self.one = ms.Tensor(1.0, ms.float32)
+
+    def construct(self, tokens):
+        return self.loss(tokens, self.pooled, self.one, self.one)[0]
+
+
 class RoutingStats(nn.Cell):
     """Forward only: expert counts [layers, E] of a micro-batch (for global_batch pooling before backward)."""
 
