@@ -23,8 +23,12 @@ setup(
         "tensorboardX>=2.6",
     ],
     extras_require={
-        # Peer references for parity tests (torch CPU + Hugging Face transformers).
-        "test": ["pytest>=7", "torch>=2.2", "transformers>=4.48"],
+        # Peer references for parity tests (torch + Hugging Face transformers), pinned to the versions the suite was
+        # run with. PyPI has no CPU-only torch wheel for Linux: torch brings its CUDA libraries (it does not import
+        # without them), though everything here runs on the CPU.
+        "test": ["pytest==9.2.0", "torch==2.14.1", "transformers==5.24.0"],
+        # tools/bench.py compare: the eager PyTorch peer (transformers' DeepseekV3ForCausalLM).
+        "bench": ["torch==2.14.1", "transformers==5.24.0"],
         # MindSpore Transformers integration (pins mindspore 2.9.x: install it in its own environment).
         "mindformers": ["mindformers==1.9.0", "pytest>=7"],
     },

@@ -1,6 +1,7 @@
 """Benchmarks, measured side by side in one process (these machines are noisy, so compare ratios)."""
 from __future__ import annotations
 
+import os
 import statistics
 import time
 
@@ -61,7 +62,7 @@ def bench_forward(cfg: TrainConfig, batch=None, seq=None, repeats: int = 10) -> 
 def bench_train(cfg: TrainConfig, steps: int = 10) -> dict:
     """Train-step throughput on random tokens in the recipe's mode: first step (compile) time, steady step time,
     tokens/s and MFU against the measured fp32 matmul peak (or logging.peak_tflops)."""
-    from .train.mfu import measured_peak_flops, training_flops_per_token
+    from .train.mfu import format_mfu, peak_flops, training_flops_per_token
     from .train.step import StepRunner
 
     ms.set_context(mode=ms.GRAPH_MODE if cfg.context.graph_mode else ms.PYNATIVE_MODE)
@@ -85,7 +86,7 @@ def bench_train(cfg: TrainConfig, steps: int = 10) -> dict:
         times.append(time.perf_counter() - start)
     step_s = statistics.median(times)
     tokens = out["tokens"]
-    peak = cfg.logging.peak_tflops * 1e12 if cfg.logging.peak_tflops else measured_peak_flops()
+    peak, peak_source = peak_flops(cfg.logging.peak_tflops)
     flops = training_flops_per_token(cfg.model, seq)
     result = {"params": count_parameters(cfg.model)["all"], "tokens_per_step": tokens, "first_step_s": first,
               "step_s": step_s, "tokens_per_s": tokens / step_s, "mfu": flops * tokens / step_s / peak,
@@ -96,8 +97,8 @@ def bench_train(cfg: TrainConfig, steps: int = 10) -> dict:
     print(f"  first step (compile + run) {first:8.2f} s")
     print(f"  steady step                {step_s * 1e3:8.1f} ms")
     print(f"  tokens/s                   {result['tokens_per_s']:8,.0f}")
-    print(f"  MFU                        {100 * result['mfu']:8.1f} %  ({flops / 1e6:.1f} MFLOP/token, peak "
-          f"{peak / 1e9:.0f} GFLOP/s {'set' if cfg.logging.peak_tflops else 'measured: NumPy fp32 matmul'})")
+    print(f"  MFU                        {format_mfu(result['mfu']):>8}  ({flops / 1e6:.1f} MFLOP/token, peak "
+          f"{peak / 1e9:.0f} GFLOP/s; {peak_source})")
     return result
 
 
@@ -191,3 +192,143 @@ def _sync(out):
     """Block until the outputs exist (asnumpy on every tensor)."""
     for o in out if isinstance(out, (tuple, list)) else (out,):
         o.asnumpy()
+
+
+_RECIPES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "yaml_configs")
+PEER_RECIPE = os.path.join(_RECIPES, "bench", "deepseek_v3_peer.yaml")
+DEPTH_RECIPE = os.path.join(_RECIPES, "pangu_ultra_moe", "tiny.yaml")
+
+
+def _peak_rss_mb() -> float:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def _random_batches(cfg: TrainConfig, rng):
+    r, seq = cfg.runner_config, cfg.train_dataset.seq_length
+    return [rng.integers(0, cfg.model.vocab_size, (r.batch_size, seq + 1)).astype(np.int32)
+            for _ in range(r.gradient_accumulation_steps)]
+
+
+def train_worker(side: str, config: str, overrides, steps: int) -> dict:
+    """One timed training run in this process: ``side`` 'mindpangu' (our engine, GRAPH mode) or 'peer'
+    (transformers' DeepseekV3ForCausalLM with torch.optim.AdamW, eager, at the recipe's shape). Random tokens;
+    returns the first-step time, the median steady step, tokens/s, peak RSS and (mindpangu) a per-part split."""
+    from .config import load_config
+
+    cfg = load_config(config, list(overrides))
+    rng = np.random.default_rng(cfg.seed)
+    tokens = cfg.runner_config.batch_size * cfg.train_dataset.seq_length * cfg.runner_config.gradient_accumulation_steps
+    parts = {}
+    if side == "peer":
+        step = _peer_step(cfg)
+    else:
+        from .train.step import StepRunner
+
+        ms.set_context(mode=ms.GRAPH_MODE)
+        runner = StepRunner(build_model(cfg.model, seed=cfg.seed), cfg)
+        step = lambda batches: runner.run(batches, 1e-4)  # noqa: E731
+        if hasattr(runner.micro, "timings"):
+            parts = runner.micro.timings
+    start = time.perf_counter()
+    step(_random_batches(cfg, rng))
+    first = time.perf_counter() - start
+    if parts:
+        parts.clear()
+    times = []
+    for _ in range(steps):
+        data = _random_batches(cfg, rng)
+        start = time.perf_counter()
+        step(data)
+        times.append(time.perf_counter() - start)
+    step_s = statistics.median(times)
+    split = {k: v / steps for k, v in parts.items()}
+    return {"side": side, "first_step_s": first, "step_s": step_s, "tokens_per_s": tokens / step_s,
+            "peak_rss_mb": _peak_rss_mb(), "parts_s": split, "layers": cfg.model.num_layers}
+
+
+def _peer_step(cfg: TrainConfig):
+    try:
+        import torch
+        from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
+    except ImportError as e:
+        raise SystemExit(f"tools/bench.py compare needs torch and transformers for the peer ({e}); install them "
+                         "with: pip install -e '.[bench]'")
+    from .convert.hf import config_to_hf
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    torch.manual_seed(cfg.seed)
+    hf = {k: v for k, v in config_to_hf(cfg.model).items() if k not in ("architectures", "model_type", "torch_dtype")}
+    peer_cfg = DeepseekV3Config(**hf)
+    peer_cfg._attn_implementation = "eager"
+    model = DeepseekV3ForCausalLM(peer_cfg).float().train()
+    o = cfg.optimizer
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay)
+
+    def step(batches):
+        for b in batches:
+            ids = torch.from_numpy(b.astype(np.int64))
+            out = model(ids[:, :-1], labels=ids[:, :-1])  # transformers shifts the labels itself
+            (out.loss / len(batches)).backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), o.grad_clip)
+        opt.step()
+        opt.zero_grad()
+
+    return step
+
+
+def _run_worker(side: str, config: str, overrides, steps: int) -> dict:
+    """``train_worker`` in a fresh Python process (so first-step time and peak RSS are that run's own)."""
+    import json
+    import subprocess
+    import sys
+
+    code = ("import json, sys; from mindpangu.bench import train_worker; "
+            "print('RESULT ' + json.dumps(train_worker(*json.loads(sys.argv[1]))))")
+    proc = subprocess.run([sys.executable, "-c", code, json.dumps([side, config, list(overrides), steps])],
+                          capture_output=True, text=True)
+    for line in proc.stdout.splitlines():
+        if line.startswith("RESULT "):
+            return json.loads(line[len("RESULT "):])
+    raise SystemExit(f"benchmark worker ({side}, {config} {' '.join(overrides)}) failed:\n{proc.stderr[-3000:]}")
+
+
+def bench_compare(config: str = PEER_RECIPE, rounds: int = 3, steps: int = 8, depths=(4, 16, 48),
+                  depth_config: str = DEPTH_RECIPE, overrides=()) -> dict:
+    """mindpangu against transformers' DeepseekV3ForCausalLM on the same shape, alternating fresh processes
+    (``rounds`` of each), then a depth sweep of our engine on a narrow model. Prints every run, the medians and
+    the ratio; returns them."""
+    runs = []
+    print(f"compare: {config} {' '.join(overrides)}, {rounds} rounds x {steps} steps, alternating processes")
+    print(f"{'run':<5}{'side':<11}{'first step s':>13}{'step ms':>9}{'tokens/s':>10}{'peak RSS MB':>13}")
+    for r in range(rounds):
+        for side in ("mindpangu", "peer"):
+            out = _run_worker(side, config, overrides, steps)
+            runs.append(out)
+            print(f"{r + 1:<5}{side:<11}{out['first_step_s']:>13.1f}{out['step_s'] * 1e3:>9.0f}"
+                  f"{out['tokens_per_s']:>10,.0f}{out['peak_rss_mb']:>13,.0f}", flush=True)
+    med = {side: statistics.median(x["tokens_per_s"] for x in runs if x["side"] == side)
+           for side in ("mindpangu", "peer")}
+    ratios = [a["tokens_per_s"] / b["tokens_per_s"] for a, b in zip(runs[0::2], runs[1::2])]
+    print(f"median tokens/s: mindpangu {med['mindpangu']:,.0f}, peer {med['peer']:,.0f}; ratio of medians "
+          f"{med['mindpangu'] / med['peer']:.2f}x; per round {', '.join(f'{x:.2f}x' for x in ratios)}")
+    ours = [x for x in runs if x["side"] == "mindpangu"]
+    parts = ours[-1]["parts_s"]
+    if parts:
+        total = ours[-1]["step_s"]
+        print("mindpangu step split (last run, per step): " + ", ".join(
+            f"{k} {v * 1e3:.0f} ms ({100 * v / total:.0f}%)" for k, v in parts.items()))
+    sweep = []
+    if depths:
+        print(f"depth sweep: {depth_config}, mindpangu engine, {steps} steps each")
+        print(f"{'layers':<8}{'first step s':>13}{'step ms':>9}{'peak RSS MB':>13}")
+        for depth in depths:
+            out = _run_worker("mindpangu", depth_config, [f"model.num_layers={depth}"], steps)
+            sweep.append(out)
+            print(f"{depth:<8}{out['first_step_s']:>13.1f}{out['step_s'] * 1e3:>9.0f}{out['peak_rss_mb']:>13,.0f}",
+                  flush=True)
+        a, b = sweep[0], sweep[-1]
+        print(f"{b['layers']} vs {a['layers']} layers: first step {b['first_step_s'] / a['first_step_s']:.2f}x, "
+              f"peak RSS {b['peak_rss_mb'] / a['peak_rss_mb']:.2f}x, step {b['step_s'] / a['step_s']:.2f}x")
+    return {"runs": runs, "median_tokens_per_s": med, "ratios": ratios, "sweep": sweep}

@@ -278,9 +278,10 @@ def imbalance_mc_main(argv=None):
 @_friendly
 def bench_main(argv=None):
     """Benchmarks: ``forward`` (tokens/s in GRAPH and PYNATIVE mode), ``train`` (step time, tokens/s, MFU),
-    ``ops`` (the C++ MoE kernels against the composite path)."""
+    ``ops`` (the C++ MoE kernels against the composite path), ``compare`` (training tokens/s against transformers'
+    DeepseekV3ForCausalLM on the same shape, alternating processes, then a depth sweep; needs the bench extra)."""
     p = argparse.ArgumentParser(prog="mindpangu-bench", description=bench_main.__doc__)
-    p.add_argument("what", choices=["forward", "train", "ops"])
+    p.add_argument("what", choices=["forward", "train", "ops", "compare"])
     p.add_argument("--config", help="YAML recipe (forward, train)")
     p.add_argument("overrides", nargs="*", help="key.path=value overrides")
     p.add_argument("--tokens", type=int, nargs="+", default=[1024, 8192, 32768], help="ops: token counts")
@@ -288,10 +289,17 @@ def bench_main(argv=None):
     p.add_argument("--batch", type=int, default=None, help="default: runner_config.batch_size")
     p.add_argument("--seq", type=int, default=None, help="default: train_dataset.seq_length")
     p.add_argument("--repeats", type=int, default=10)
+    p.add_argument("--rounds", type=int, default=3, help="compare: runs of each side, alternating")
+    p.add_argument("--depths", type=int, nargs="*", default=[4, 16, 48],
+                   help="compare: layer counts of the depth sweep (none to skip it)")
     args = p.parse_intermixed_args(argv)
-    from .bench import bench_forward, bench_ops, bench_train
+    from .bench import PEER_RECIPE, bench_compare, bench_forward, bench_ops, bench_train
     from .config import load_config
 
+    if args.what == "compare":
+        bench_compare(args.config or PEER_RECIPE, args.rounds, args.repeats, tuple(args.depths),
+                      overrides=args.overrides)
+        return
     if args.what == "ops":
         bench_ops(tuple(args.tokens), tuple(args.experts), repeats=min(args.repeats, 5))
         return

@@ -94,8 +94,9 @@ class Rotary(nn.Cell):
 
     def construct(self, x, positions):
         """x [..., S, dim]; positions [S] (shared by the batch) or [B, S] (per sequence, x [B, heads, S, dim])."""
-        cos = ops.gather(self.cos, positions, 0)  # [S, dim/2] or [B, S, dim/2]
-        sin = ops.gather(self.sin, positions, 0)
+        # constant tables: stop_gradient keeps autodiff from scattering gradients into them
+        cos = ops.stop_gradient(ops.gather(self.cos, positions, 0))  # [S, dim/2] or [B, S, dim/2]
+        sin = ops.stop_gradient(ops.gather(self.sin, positions, 0))
         if positions.ndim == 2:
             cos, sin = cos.expand_dims(1), sin.expand_dims(1)
         if self.interleave:

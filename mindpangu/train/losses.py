@@ -19,11 +19,17 @@ import mindspore as ms
 from mindspore import ops
 
 
+_SPARSE_CE = ops.SparseSoftmaxCrossEntropyWithLogits()
+
+
 def cross_entropy(logits, labels):
-    """Mean token cross-entropy; logits [B, S, V], labels [B, S] int32."""
-    logp = ops.log_softmax(logits.astype(ms.float32), -1)
-    picked = ops.gather_elements(logp, 2, labels.reshape(labels.shape + (1,)))
-    return -picked.mean()
+    """Mean token cross-entropy; logits [B, S, V] (any float dtype, computed in float32), labels [B, S] int32.
+
+    MindSpore's fused SparseSoftmaxCrossEntropyWithLogits (CPU and Ascend kernels): on CPU its forward + backward
+    is about 6x faster than log_softmax + gather at a vocabulary of 8192 (tools/bench.py compare).
+    """
+    v = logits.shape[-1]
+    return _SPARSE_CE(logits.reshape(-1, v).astype(ms.float32), labels.reshape(-1).astype(ms.int32))
 
 
 def router_probabilities(scores, sigmoid: bool):

@@ -35,6 +35,22 @@ def learning_rate(step: int, total: int, cfg: LRScheduleConfig) -> float:
     return cfg.lr_end
 
 
+adamw_step = ops.MultitypeFuncGraph("adamw_step")
+
+
+@adamw_step.register("Tensor", "Tensor", "Tensor", "Tensor", "Tensor", "Tensor", "Tensor", "Tensor", "Tensor", "Tensor",
+                 "Tensor", "Tensor")
+def _adamw_tensor(b1, b2, eps, c1, c2, lr, apply, wd, p, m, v, g):
+    """One tensor's AdamW step (bias-corrected moments, decoupled decay), applied only where ``apply``."""
+    m_new = b1 * m + (1.0 - b1) * g
+    v_new = b2 * v + (1.0 - b2) * g * g
+    update = (m_new / c1) / (ops.sqrt(v_new / c2) + eps)
+    p_new = p * (1.0 - lr * wd) - lr * update
+    ops.assign(m, ops.select(apply, m_new, m))
+    ops.assign(v, ops.select(apply, v_new, v))
+    return ops.assign(p, ops.select(apply, p_new, p))
+
+
 class AdamW(nn.Cell):
     """AdamW (Loshchilov & Hutter; PyTorch's form): p <- p * (1 - lr * wd) - lr * m_hat / (sqrt(v_hat) + eps).
 
@@ -49,19 +65,16 @@ class AdamW(nn.Cell):
         self.v = self.params.clone(prefix="adam_v", init="zeros")
         self.step = Parameter(Tensor(0.0, ms.float32), name="adam_step", requires_grad=False)
         self.b1, self.b2, self.eps = float(betas[0]), float(betas[1]), float(eps)
-        self.wd = tuple(float(weight_decay) if decays(p.name) else 0.0 for p in self.params)
+        self.decay = [float(weight_decay) if decays(p.name) else 0.0 for p in self.params]
+        self.wd = tuple(Tensor(d, ms.float32) for d in self.decay)
+        self.map = ops.HyperMap()
 
     def construct(self, grads, lr, apply):
         t = self.step + ops.cast(apply, ms.float32)
         ops.assign(self.step, t)
-        c1 = 1.0 - ops.pow(Tensor(self.b1, ms.float32), t)
-        c2 = 1.0 - ops.pow(Tensor(self.b2, ms.float32), t)
-        for p, m, v, g, wd in zip(self.params, self.m, self.v, grads, self.wd):
-            m_new = self.b1 * m + (1.0 - self.b1) * g
-            v_new = self.b2 * v + (1.0 - self.b2) * g * g
-            update = (m_new / c1) / (ops.sqrt(v_new / c2) + self.eps)
-            p_new = p * (1.0 - lr * wd) - lr * update if wd else p - lr * update
-            ops.assign(m, ops.select(apply, m_new, m))
-            ops.assign(v, ops.select(apply, v_new, v))
-            ops.assign(p, ops.select(apply, p_new, p))
+        b1, b2 = Tensor(self.b1, ms.float32), Tensor(self.b2, ms.float32)
+        c1 = 1.0 - ops.pow(b1, t)
+        c2 = 1.0 - ops.pow(b2, t)
+        self.map(ops.partial(adamw_step, b1, b2, Tensor(self.eps, ms.float32), c1, c2, lr, apply), self.wd, self.params,
+                 self.m, self.v, grads)
         return t

@@ -3,15 +3,17 @@
 is a Cell, so GRAPH mode compiles it once."""
 from __future__ import annotations
 
-from typing import Dict, List
+import time
+from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 import mindspore as ms
-from mindspore import ParameterTuple, Tensor, nn, ops
+from mindspore import Parameter, ParameterTuple, Tensor, nn, ops
 
 from ..config.schema import TrainConfig
 from .losses import balance_loss, cross_entropy, z_loss
-from .optim import AdamW
+from .layerwise import Binding, LayerwiseMicroStep, relative_params
+from .optim import AdamW, adamw_step
 
 
 def moe_layers(model):
@@ -115,51 +117,208 @@ class MicroStep(nn.Cell):
         return loss, aux
 
 
-class UpdateStep(nn.Cell):
-    """Unscale the accumulated gradients, clip by global norm, AdamW if finite, zero the accumulators, and step
-    the aux-loss-free expert biases: b_i += rate * sign(mean load - load_i)."""
+_unscale = ops.MultitypeFuncGraph("unscale")
+_square_sum = ops.MultitypeFuncGraph("square_sum")
+_zero = ops.MultitypeFuncGraph("zero")
 
-    def __init__(self, accum, optimizer: AdamW, max_norm: float, expert_biases, bias_rate: float, world: int = 1):
+
+@_unscale.register("Tensor", "Tensor")
+def _unscale_tensor(factor, acc):
+    return acc * factor
+
+
+@_square_sum.register("Tensor", "Tensor")
+def _square_sum_tensor(factor, acc):
+    g = acc * factor
+    return (g * g).sum()
+
+
+@_zero.register("Tensor")
+def _zero_tensor(acc):
+    return ops.assign(acc, ops.zeros_like(acc))
+
+
+class _GroupNorm(nn.Cell):
+    """Sum of squares of a parameter group's unscaled gradients (after averaging them over data-parallel
+    processes in place)."""
+
+    def __init__(self, accum, world: int):
         super().__init__(auto_prefix=False)
-        self.accum = accum
-        self.world = world  # data-parallel processes: gradients are averaged over them first
+        self.accum, self.world = ParameterTuple(accum), world
+        self.map = ops.HyperMap()
         if world > 1:
             self.all_reduce = ops.AllReduce()
-        self.optimizer = optimizer
-        self.max_norm = float(max_norm)
+
+    def construct(self, inv_scale):
+        if self.world > 1:
+            for acc in self.accum:
+                ops.assign(acc, self.all_reduce(acc) / self.world)
+        return ops.addn(self.map(ops.partial(_square_sum, inv_scale), self.accum))
+
+
+class _GroupApply(nn.Cell):
+    """AdamW on a parameter group from its accumulated gradients (unscaled, clipped), then zero the accumulators."""
+
+    def __init__(self, params, m, v, accum, wd, optimizer: AdamW):
+        super().__init__(auto_prefix=False)
+        self.params, self.m, self.v, self.accum = (ParameterTuple(x) for x in (params, m, v, accum))
+        self.wd = tuple(Tensor(w, ms.float32) for w in wd)
+        self.hyper = tuple(Tensor(x, ms.float32) for x in (optimizer.b1, optimizer.b2, optimizer.eps))
+        self.map = ops.HyperMap()
+
+    def construct(self, lr, inv_scale, clip, c1, c2, apply):
+        grads = self.map(ops.partial(_unscale, clip), self.map(ops.partial(_unscale, inv_scale), self.accum))
+        b1, b2, eps = self.hyper
+        self.map(ops.partial(adamw_step, b1, b2, eps, c1, c2, lr, apply), self.wd, self.params, self.m, self.v, grads)
+        self.map(_zero, self.accum)
+        return lr
+
+
+class _Finish(nn.Cell):
+    """The step counter (bias corrections c1, c2 for this step) and the aux-loss-free expert-bias update."""
+
+    def __init__(self, optimizer: AdamW, expert_biases, bias_rate: float):
+        super().__init__(auto_prefix=False)
+        self.step = optimizer.step
+        self.b1, self.b2 = Tensor(optimizer.b1, ms.float32), Tensor(optimizer.b2, ms.float32)
         self.biases = ParameterTuple(expert_biases) if expert_biases else ()
         self.bias_rate = float(bias_rate)
 
-    def construct(self, lr, inv_scale, counts):
-        grads = ()
-        sq = ops.zeros((), ms.float32)
-        for acc in self.accum:
-            g = acc * inv_scale
-            if self.world > 1:
-                g = self.all_reduce(g) / self.world
-            grads = grads + (g,)
-            sq = sq + (g * g).sum()
-        norm = ops.sqrt(sq)
-        finite = ops.isfinite(norm)
-        if self.max_norm > 0:
-            clip = ops.minimum(Tensor(1.0, ms.float32), self.max_norm / (norm + 1e-6))
-            grads = tuple(g * clip for g in grads)
-        self.optimizer(grads, lr, finite)
-        for acc in self.accum:
-            ops.assign(acc, ops.zeros_like(acc))
+    def corrections(self, apply):
+        t = self.step + ops.cast(apply, ms.float32)
+        return t, 1.0 - ops.pow(self.b1, t), 1.0 - ops.pow(self.b2, t)
+
+    def construct(self, apply, counts):
+        t, _, _ = self.corrections(apply)
+        ops.assign(self.step, t)
         i = 0
         for bias in self.biases:
             load = counts[i]
             step = self.bias_rate * ops.sign(load.mean() - load)
-            ops.assign(bias, ops.select(finite, bias + step, bias))
+            ops.assign(bias, ops.select(apply, bias + step, bias))
             i += 1
+        return t
+
+
+class _Corrections(nn.Cell):
+    def __init__(self, finish: _Finish):
+        super().__init__(auto_prefix=False)
+        self.finish = finish
+
+    def construct(self, apply):
+        _, c1, c2 = self.finish.corrections(apply)
+        return c1, c2
+
+
+class UpdateStep:
+    """Unscale the accumulated gradients, clip by global norm, AdamW if finite, zero the accumulators, and step
+    the aux-loss-free expert biases: b_i += rate * sign(mean load - load_i).
+
+    ``groups`` partitions the optimizer's parameters (lists of indices); groups with the same shapes in the same
+    order (the decoder layers of one kind) share one compiled norm graph and one compiled AdamW graph, run for
+    each group with its tensors bound (``layerwise.Binding``), so compile time does not grow with depth. Default:
+    one group of everything. Called as ``update(lr, inv_scale, counts)`` -> (global grad norm, finite) tensors.
+    """
+
+    def __init__(self, accum, optimizer: AdamW, max_norm: float, expert_biases, bias_rate: float, world: int = 1,
+                 groups: Optional[Sequence[Sequence[int]]] = None):
+        accum = list(accum)
+        params, m, v = list(optimizer.params), list(optimizer.m), list(optimizer.v)
+        groups = [list(range(len(params)))] if groups is None else [list(g) for g in groups]
+        if sorted(i for g in groups for i in g) != list(range(len(params))):
+            raise ValueError("UpdateStep groups must partition the optimizer's parameters")
+        self.max_norm = float(max_norm)
+        self.finish = _Finish(optimizer, expert_biases, bias_rate)
+        self.corrections = _Corrections(self.finish)
+        by_shape: Dict[tuple, List[List[int]]] = {}
+        for g in groups:
+            by_shape.setdefault(tuple((tuple(params[i].shape), optimizer.decay[i]) for i in g), []).append(g)
+        self.kinds = []
+        for n, (key, members) in enumerate(by_shape.items()):
+            first = members[0]
+            wd = [w for _, w in key]
+            if len(members) == 1:
+                cells = [[params[i] for i in first], [m[i] for i in first], [v[i] for i in first],
+                         [accum[i] for i in first]]
+                binding = None
+            else:  # template tensors, bound to each member's tensors before a run
+                cells = [[Parameter(Tensor(np.zeros(params[i].shape, np.float32)), name=f"update{n}.{role}.{j}",
+                                    requires_grad=False) for j, i in enumerate(first)] for role in ("p", "m", "v", "g")]
+                binding = Binding([t for role in cells for t in role],
+                                  [[x[i] for x in (params, m, v, accum) for i in g] for g in members])
+            self.kinds.append((binding, len(members), _GroupNorm(cells[3], world),
+                               _GroupApply(cells[0], cells[1], cells[2], cells[3], wd, optimizer)))
+
+    def _each(self):
+        for binding, count, norm, apply in self.kinds:
+            for j in range(count):
+                if binding is not None:
+                    binding.bind(j)
+                yield norm, apply
+
+    def __call__(self, lr, inv_scale, counts):
+        sq = [norm(inv_scale) for norm, _ in self._each()]
+        norm = ops.sqrt(ops.addn(sq) if len(sq) > 1 else sq[0])
+        finite = ops.isfinite(norm)
+        clip = Tensor(1.0, ms.float32)
+        if self.max_norm > 0:
+            clip = ops.minimum(clip, self.max_norm / (norm + 1e-6))
+        c1, c2 = self.corrections(finite)
+        for _, apply in self._each():
+            apply(lr, inv_scale, clip, c1, c2, finite)
+        self.finish(finite, counts)
         return norm, finite
+
+
+class GraphMicroStep:
+    """The whole-graph engine: ``LossNet`` forward + backward compiled as one graph (``MicroStep``), with the same
+    interface as ``layerwise.LayerwiseMicroStep``."""
+
+    def __init__(self, model, cfg: TrainConfig, params):
+        self.micro = MicroStep(LossNet(model, cfg), params)
+        self.accum = self.micro.accum
+        self.stats = RoutingStats(model, cfg.model.moe.num_experts)
+        self.eval_net = EvalLoss(model)
+
+    def __call__(self, tokens: np.ndarray, pooled: np.ndarray, pooled_tokens: float, scale: float):
+        loss, (lm, mtp, bal, zl, c) = self.micro(ms.Tensor(tokens, ms.int32), ms.Tensor(pooled),
+                                                  ms.Tensor(pooled_tokens, ms.float32), ms.Tensor(scale, ms.float32))
+        return (float(loss.asnumpy()), float(lm.asnumpy()), float(mtp.asnumpy()), float(bal.asnumpy()),
+                float(zl.asnumpy()), c.asnumpy())
+
+    def routing_counts(self, tokens: np.ndarray) -> np.ndarray:
+        return self.stats(ms.Tensor(tokens, ms.int32)).asnumpy()
+
+    def eval_loss(self, tokens: np.ndarray) -> float:
+        return float(self.eval_net(ms.Tensor(tokens, ms.int32)).asnumpy())
+
+
+class EvalLoss(nn.Cell):
+    """Held-out LM loss of a batch [B, S+1]."""
+
+    def __init__(self, model):
+        super().__init__(auto_prefix=False)
+        self.model = model
+
+    def construct(self, tokens):
+        return cross_entropy(self.model(tokens[:, :-1]), tokens[:, 1:])
+
+
+def layer_groups(model, params) -> List[List[int]]:
+    """Indices into ``params``: one group per decoder layer (same order and shapes within a layer kind), then one
+    group of everything else (embedding, final norm, LM head, MTP)."""
+    index_of = {id(p): i for i, p in enumerate(params)}
+    groups = [[index_of[id(p)] for p in relative_params(layer) if id(p) in index_of] for layer in model.model.layers]
+    grouped = {i for g in groups for i in g}
+    rest = [i for i in range(len(params)) if i not in grouped]
+    return groups + ([rest] if rest else [])
 
 
 class StepRunner:
     """One optimizer step over a list of micro-batches: routing statistics (global_batch), micro-steps, update.
 
-    Holds the model's optimizer and compiled cells; the trainer and the benchmark both drive it.
+    Holds the model's optimizer and compiled cells (engine ``runner_config.engine``); the trainer and the
+    benchmark both drive it.
     """
 
     def __init__(self, model, cfg: TrainConfig, world: int = 1):
@@ -169,17 +328,19 @@ class StepRunner:
         m, o = cfg.model, cfg.optimizer
         params = [p for p in model.get_parameters() if p.requires_grad]
         self.optimizer = AdamW(params, o.betas, o.eps, o.weight_decay)
-        self.micro = MicroStep(LossNet(model, cfg), params)
+        if cfg.runner_config.engine == "layerwise":
+            self.micro = LayerwiseMicroStep(model, cfg, params)
+        else:
+            self.micro = GraphMicroStep(model, cfg, params)
         layers = moe_layers(model)
         self.num_routes = max(1, len(layers))
         biases = [layer.gate.e_score_correction_bias for layer in layers if layer.gate.use_bias]
         self.update = UpdateStep(self.micro.accum, self.optimizer, o.grad_clip, biases,
-                                 m.moe.balance_loss.expert_bias.update_rate, world)
+                                 m.moe.balance_loss.expert_bias.update_rate, world, layer_groups(model, params))
         if world > 1:
             from ..parallel.distributed import CrossRankSum
 
             self.cross_rank = CrossRankSum()
-        self.stats = RoutingStats(model, m.moe.num_experts)
         self.state_params = list(model.get_parameters()) + list(self.optimizer.m) + list(self.optimizer.v) + \
             [self.optimizer.step]
 
@@ -187,31 +348,39 @@ class StepRunner:
         """Train on ``micro_batches`` ([B, S+1] int32 each) and return the step's losses and statistics."""
         accum = len(micro_batches)
         e = self.cfg.model.moe.num_experts
-        batches = [ms.Tensor(b, ms.int32) for b in micro_batches]
+        batches = [np.asarray(b, np.int32) for b in micro_batches]
         tokens_per_micro = micro_batches[0].shape[0] * (micro_batches[0].shape[1] - 1)
         if self.cfg.model.moe.balance_loss.type == "global_batch":
-            pooled = self._over_ranks(sum(self.stats(b).asnumpy() for b in batches))
+            pooled = self._over_ranks(sum(self.micro.routing_counts(b) for b in batches))
             pooled_tokens = float(tokens_per_micro * accum * self.world)
         else:
             pooled, pooled_tokens = np.zeros((self.num_routes, e), np.float32), 1.0
-        pooled_t = ms.Tensor(np.asarray(pooled, np.float32))
-        scale = ms.Tensor(loss_scale / accum, ms.float32)
+        pooled = np.asarray(pooled, np.float32)
+        scale = loss_scale / accum
         sums = np.zeros(5)
         counts = np.zeros((self.num_routes, e), np.float32)
         for b in batches:
-            loss, (lm, mtp, bal, zl, c) = self.micro(b, pooled_t, ms.Tensor(pooled_tokens, ms.float32), scale)
-            sums += [float(loss.asnumpy()) / loss_scale, float(lm.asnumpy()) / accum, float(mtp.asnumpy()) / accum,
-                     float(bal.asnumpy()) / accum, float(zl.asnumpy()) / accum]
-            counts += c.asnumpy()
+            loss, lm, mtp, bal, zl, c = self.micro(b, pooled, pooled_tokens, scale)
+            sums += [loss / loss_scale, lm / accum, mtp / accum, bal / accum, zl / accum]
+            counts += c
         if self.world > 1:
             sums = self._over_ranks(sums).astype(np.float64) / self.world
             counts = self._over_ranks(counts)
+        start = time.perf_counter()
         norm, finite = self.update(ms.Tensor(lr, ms.float32), ms.Tensor(1.0 / loss_scale, ms.float32),
                                    ms.Tensor(counts))
+        finite = bool(finite.asnumpy())
+        if hasattr(self.micro, "timings"):
+            self.micro.timings["optimizer (clip, AdamW)"] = self.micro.timings.get("optimizer (clip, AdamW)", 0.0) + \
+                time.perf_counter() - start
         sums = [float(x) for x in sums]
         return {"loss": sums[0], "lm_loss": sums[1], "mtp_loss": sums[2], "balance_loss": sums[3], "z_loss": sums[4],
-                "grad_norm": float(norm.asnumpy()), "finite": bool(finite.asnumpy()), "lr": lr, "counts": counts,
+                "grad_norm": float(norm.asnumpy()), "finite": finite, "lr": lr, "counts": counts,
                 "tokens": tokens_per_micro * accum * self.world}
+
+    def eval_loss(self, tokens: np.ndarray) -> float:
+        """Held-out LM loss of one batch [B, S+1] (main head only), with the training step's engine."""
+        return self.micro.eval_loss(np.asarray(tokens, np.int32))
 
     def _over_ranks(self, values: np.ndarray) -> np.ndarray:
         if self.world == 1:

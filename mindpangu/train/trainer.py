@@ -17,9 +17,8 @@ from ..fsutil import cache_root
 from ..metrics import expert_load_stats, imbalance_from_counts
 from ..models import build_model
 from . import checkpoint as ckpt
-from .losses import cross_entropy
 from .logger import MetricsWriter, SpikeCounter
-from .mfu import measured_peak_flops, training_flops_per_token
+from .mfu import format_mfu, peak_flops, training_flops_per_token
 from .optim import learning_rate
 from .step import StepRunner
 from ..parallel.distributed import init_data_parallel
@@ -123,7 +122,6 @@ class Trainer:
         self.data = open_dataset(cfg, m.vocab_size)
         self.model = build_model(m, seed=cfg.seed)
         self.runner = StepRunner(self.model, cfg, self.world)
-        self.eval_net = _EvalNet(self.model)
         r = cfg.runner_config
         self.loss_scale = r.loss_scale if m.compute_dtype == "float16" else 1.0
         self.step = 0
@@ -197,7 +195,7 @@ class Trainer:
         batches = self.data.eval_batches(self.cfg.runner_config.batch_size, self.cfg.logging.eval_batches)
         if not batches:
             return None
-        return float(np.mean([self.eval_net(ms.Tensor(b, ms.int32)).asnumpy() for b in batches]))
+        return float(np.mean([self.runner.eval_loss(b) for b in batches]))
 
     def expert_load(self, counts: np.ndarray) -> Dict:
         """Per MoE layer: max/mean expert load and the device imbalance score."""
@@ -215,7 +213,8 @@ class Trainer:
         cfg, r, log = self.cfg, self.cfg.runner_config, self.cfg.logging
         resumed = self.resume and self.restore()
         writer = MetricsWriter(cfg.output_dir, log.tensorboard) if self.is_main else _Silent()
-        peak = log.peak_tflops * 1e12 if log.peak_tflops else measured_peak_flops()
+        peak, peak_source = peak_flops(log.peak_tflops)
+        self._say(f"MFU peak {peak / 1e9:,.0f} GFLOP/s ({peak_source})")
         flops_per_token = training_flops_per_token(cfg.model, cfg.train_dataset.seq_length)
         stream = self.data.batches(r.batch_size, self.position, cfg.seed, cfg.train_dataset.shuffle, self.rank,
                                    self.world)
@@ -289,7 +288,7 @@ class Trainer:
         imb = max(r["imbalance_score"]) if r.get("imbalance_score") else 0.0
         return (f"step {r['step']}: loss {r['loss']:.4f} (lm {r['lm_loss']:.4f}, mtp {r['mtp_loss']:.4f}, "
                 f"balance {r['balance_loss']:.4f}) | grad norm {r['grad_norm']:.3f} | lr {r['lr']:.2e} | "
-                f"{r['tokens_per_s']:,.0f} tok/s | MFU {100 * r['mfu']:.1f}% | expert load max/mean {load:.2f}, "
+                f"{r['tokens_per_s']:,.0f} tok/s | MFU {format_mfu(r['mfu'])} | expert load max/mean {load:.2f}, "
                 f"IS {imb:.3f} (worst layer) | skipped {r['skipped']} | spikes loss {r['loss_spikes']} "
                 f"grad {r['grad_spikes']}")
 
@@ -302,14 +301,3 @@ class Trainer:
                 ("loss / grad spikes", f"{s['loss_spikes']} / {s['grad_spikes']}"), ("output", s["output_dir"])]
         fmt = lambda v: f"{v:,.4f}" if isinstance(v, float) else str(v)  # noqa: E731
         return "\n".join(["training summary"] + [f"  {k:<28}{fmt(v)}" for k, v in rows])
-
-
-class _EvalNet(ms.nn.Cell):
-    """Held-out LM loss of a batch [B, S+1]."""
-
-    def __init__(self, model):
-        super().__init__(auto_prefix=False)
-        self.model = model
-
-    def construct(self, tokens):
-        return cross_entropy(self.model(tokens[:, :-1]), tokens[:, 1:])
