@@ -245,3 +245,15 @@ def test_float16_compute_trains_with_loss_scaling(tmp_path, monkeypatch):
 def test_ep_split_must_divide_the_batch(tmp_path):
     with pytest.raises(ConfigError, match="runner_config.batch_size"):
         Trainer(_small_cfg(tmp_path, "parallel_config.expert_parallel=3"), progress=False)
+
+
+def test_mfu_peak_source_and_no_mfu_above_100_percent():
+    """A set peak wins and is named; a measured peak names both measurements; an MFU above 100 % is never printed."""
+    from mindpangu.train.mfu import format_mfu, peak_flops
+
+    assert peak_flops(2.5) == (2.5e12, "set: logging.peak_tflops 2.5 TFLOP/s")
+    peak, source = peak_flops(None, size=128, repeats=3)
+    assert peak > 1e8 and "NumPy" in source and "MindSpore GRAPH" in source and "best:" in source
+    assert format_mfu(0.4132) == "41.3 %"
+    assert "peak is wrong" in format_mfu(1.039) and "%" not in format_mfu(1.039).split("(")[0]
+    assert "peak is wrong" in format_mfu(float("nan"))

@@ -22,12 +22,17 @@ from mindspore import ops
 _SPARSE_CE = ops.SparseSoftmaxCrossEntropyWithLogits()
 
 
-def cross_entropy(logits, labels):
+def cross_entropy(logits, labels, fused: bool = True):
     """Mean token cross-entropy; logits [B, S, V] (any float dtype, computed in float32), labels [B, S] int32.
 
-    MindSpore's fused SparseSoftmaxCrossEntropyWithLogits (CPU and Ascend kernels): on CPU its forward + backward
-    is about 6x faster than log_softmax + gather at a vocabulary of 8192 (tools/bench.py compare).
+    fused: MindSpore's SparseSoftmaxCrossEntropyWithLogits (CPU and Ascend kernels); on CPU its forward + backward
+    is about 6x faster than log_softmax + gather at a vocabulary of 8192. Semi-auto parallel gives that op only a
+    batch-parallel strategy, which vocabulary-parallel logits refuse, so sharded graphs use ``fused=False``
+    (log_softmax + gather, which MindSpore shards over the vocabulary).
     """
+    if not fused:
+        logp = ops.log_softmax(logits.astype(ms.float32), -1)
+        return -ops.gather_elements(logp, 2, labels.reshape(labels.shape + (1,))).mean()
     v = logits.shape[-1]
     return _SPARSE_CE(logits.reshape(-1, v).astype(ms.float32), labels.reshape(-1).astype(ms.int32))
 

@@ -51,6 +51,29 @@ def _adamw_tensor(b1, b2, eps, c1, c2, lr, apply, wd, p, m, v, g):
     return ops.assign(p, ops.select(apply, p_new, p))
 
 
+fused_adamw = ops.MultitypeFuncGraph("fused_adamw")
+_ADAM_WEIGHT_DECAY = ops.AdamWeightDecay()
+
+
+@fused_adamw.register("Tensor", "Tensor", "Tensor", "Tensor", "Tensor", "Tensor", "Tensor", "Tensor", "Tensor",
+                      "Tensor")
+def _fused_adamw_tensor(lr, b1, b2, eps, ratio, wd, p, m, v, g):
+    """The same step through MindSpore's fused AdamWeightDecay kernel (one pass over p, m, v), with the bias
+    corrections folded in by ``fused_hyperparameters``; the decay is ``wd * ratio``."""
+    return _ADAM_WEIGHT_DECAY(p, m, v, lr, b1, b2, eps, wd * ratio, g)
+
+
+def fused_hyperparameters(lr: float, eps: float, betas, step: int):
+    """(lr', eps', ratio) such that MindSpore's AdamWeightDecay (no bias correction: p -= lr' * (m / (sqrt(v) +
+    eps') + d * p)) takes exactly the AdamW step above at 1-based ``step``:
+    m_hat / (sqrt(v_hat) + eps) = (sqrt(c2) / c1) * m / (sqrt(v) + eps * sqrt(c2)), so lr' = lr * sqrt(c2) / c1,
+    eps' = eps * sqrt(c2), and the decoupled decay lr * wd = lr' * d gives d = wd * c1 / sqrt(c2) = wd * ratio.
+    Computed in float64 on the host."""
+    c1 = 1.0 - float(betas[0]) ** step
+    root_c2 = math.sqrt(1.0 - float(betas[1]) ** step)
+    return lr * root_c2 / c1, eps * root_c2, c1 / root_c2
+
+
 class AdamW(nn.Cell):
     """AdamW (Loshchilov & Hutter; PyTorch's form): p <- p * (1 - lr * wd) - lr * m_hat / (sqrt(v_hat) + eps).
 

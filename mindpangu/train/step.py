@@ -13,7 +13,7 @@ from mindspore import Parameter, ParameterTuple, Tensor, nn, ops
 from ..config.schema import TrainConfig
 from .losses import balance_loss, cross_entropy, z_loss
 from .layerwise import Binding, LayerwiseMicroStep, relative_params
-from .optim import AdamW, adamw_step
+from .optim import AdamW, fused_adamw, fused_hyperparameters
 
 
 def moe_layers(model):
@@ -27,9 +27,10 @@ def moe_layers(model):
 class LossNet(nn.Cell):
     """tokens [B, S+1] -> (scaled total loss, (lm, mtp, balance, z, expert counts [layers, E]))."""
 
-    def __init__(self, model, cfg: TrainConfig):
+    def __init__(self, model, cfg: TrainConfig, fused_ce: bool = True):
         super().__init__(auto_prefix=False)
         self.model = model
+        self.fused_ce = fused_ce  # False in semi-auto parallel graphs (see losses.cross_entropy)
         m = cfg.model
         self.mtp_weight = m.mtp_loss_weight
         self.num_mtp = m.num_mtp_layers
@@ -44,12 +45,12 @@ class LossNet(nn.Cell):
         inputs, labels = tokens[:, :-1], tokens[:, 1:]
         s = inputs.shape[1]
         logits, mtp_logits, routes = self.model.forward_train(inputs)
-        lm = cross_entropy(logits, labels)
+        lm = cross_entropy(logits, labels, self.fused_ce)
         mtp = ops.zeros((), ms.float32)
         depth = 0
         for head in mtp_logits:
             depth += 1
-            mtp = mtp + cross_entropy(head[:, : s - depth], labels[:, depth:])
+            mtp = mtp + cross_entropy(head[:, : s - depth], labels[:, depth:], self.fused_ce)
         if self.num_mtp:
             mtp = mtp / self.num_mtp
         bal = ops.zeros((), ms.float32)
@@ -73,11 +74,12 @@ class LossNet(nn.Cell):
 class TotalLoss(nn.Cell):
     """tokens [B, S+1] -> the scalar training loss, for train steps built outside ``StepRunner`` (MindSpore's
     TrainOneStepCell under mindformers, the simulated parallel compile). The global_batch balance loss needs the
-    global batch's pooled counts, which only ``StepRunner`` gathers: here they are zero, so that term is 0."""
+    global batch's pooled counts, which only ``StepRunner`` gathers: here they are zero, so that term is 0. The
+    cross-entropy is the unfused one, which semi-auto parallel can shard over the vocabulary."""
 
     def __init__(self, model, cfg: TrainConfig):
         super().__init__(auto_prefix=False)
-        self.loss = LossNet(model, cfg)
+        self.loss = LossNet(model, cfg, fused_ce=False)  # these steps are the semi-auto parallel ones
         self.pooled = ms.Tensor(np.zeros((max(1, self.loss.num_moe), cfg.model.moe.num_experts), np.float32))
         self.one = ms.Tensor(1.0, ms.float32)
 
@@ -127,10 +129,9 @@ def _unscale_tensor(factor, acc):
     return acc * factor
 
 
-@_square_sum.register("Tensor", "Tensor")
-def _square_sum_tensor(factor, acc):
-    g = acc * factor
-    return (g * g).sum()
+@_square_sum.register("Tensor")
+def _square_sum_tensor(acc):
+    return (acc * acc).sum()
 
 
 @_zero.register("Tensor")
@@ -139,8 +140,8 @@ def _zero_tensor(acc):
 
 
 class _GroupNorm(nn.Cell):
-    """Sum of squares of a parameter group's unscaled gradients (after averaging them over data-parallel
-    processes in place)."""
+    """Sum of squares of a parameter group's accumulated gradients (after averaging them over data-parallel
+    processes in place); the caller applies the loss-scale factor squared."""
 
     def __init__(self, accum, world: int):
         super().__init__(auto_prefix=False)
@@ -149,70 +150,68 @@ class _GroupNorm(nn.Cell):
         if world > 1:
             self.all_reduce = ops.AllReduce()
 
-    def construct(self, inv_scale):
+    def construct(self):
         if self.world > 1:
             for acc in self.accum:
                 ops.assign(acc, self.all_reduce(acc) / self.world)
-        return ops.addn(self.map(ops.partial(_square_sum, inv_scale), self.accum))
+        return ops.addn(self.map(_square_sum, self.accum))
 
 
 class _GroupApply(nn.Cell):
-    """AdamW on a parameter group from its accumulated gradients (unscaled, clipped), then zero the accumulators."""
+    """AdamW on a parameter group from its accumulated gradients (unscaled, clipped) with MindSpore's fused
+    AdamWeightDecay kernel (``optim.fused_hyperparameters``), then zero the accumulators."""
 
     def __init__(self, params, m, v, accum, wd, optimizer: AdamW):
         super().__init__(auto_prefix=False)
         self.params, self.m, self.v, self.accum = (ParameterTuple(x) for x in (params, m, v, accum))
         self.wd = tuple(Tensor(w, ms.float32) for w in wd)
-        self.hyper = tuple(Tensor(x, ms.float32) for x in (optimizer.b1, optimizer.b2, optimizer.eps))
+        self.b1, self.b2 = Tensor(optimizer.b1, ms.float32), Tensor(optimizer.b2, ms.float32)
         self.map = ops.HyperMap()
 
-    def construct(self, lr, inv_scale, clip, c1, c2, apply):
-        grads = self.map(ops.partial(_unscale, clip), self.map(ops.partial(_unscale, inv_scale), self.accum))
-        b1, b2, eps = self.hyper
-        self.map(ops.partial(adamw_step, b1, b2, eps, c1, c2, lr, apply), self.wd, self.params, self.m, self.v, grads)
+    def construct(self, lr, eps, ratio, factor):
+        grads = self.map(ops.partial(_unscale, factor), self.accum)
+        self.map(ops.partial(fused_adamw, lr, self.b1, self.b2, eps, ratio), self.wd, self.params, self.m, self.v,
+                 grads)
         self.map(_zero, self.accum)
         return lr
 
 
+class _ZeroAccum(nn.Cell):
+    """Zero a group's accumulators (a skipped step)."""
+
+    def __init__(self, accum):
+        super().__init__(auto_prefix=False)
+        self.accum = ParameterTuple(accum)
+        self.map = ops.HyperMap()
+
+    def construct(self):
+        self.map(_zero, self.accum)
+        return ops.zeros((), ms.float32)
+
+
 class _Finish(nn.Cell):
-    """The step counter (bias corrections c1, c2 for this step) and the aux-loss-free expert-bias update."""
+    """The step counter and the aux-loss-free expert-bias update (after an applied step)."""
 
     def __init__(self, optimizer: AdamW, expert_biases, bias_rate: float):
         super().__init__(auto_prefix=False)
         self.step = optimizer.step
-        self.b1, self.b2 = Tensor(optimizer.b1, ms.float32), Tensor(optimizer.b2, ms.float32)
         self.biases = ParameterTuple(expert_biases) if expert_biases else ()
         self.bias_rate = float(bias_rate)
 
-    def corrections(self, apply):
-        t = self.step + ops.cast(apply, ms.float32)
-        return t, 1.0 - ops.pow(self.b1, t), 1.0 - ops.pow(self.b2, t)
-
-    def construct(self, apply, counts):
-        t, _, _ = self.corrections(apply)
-        ops.assign(self.step, t)
+    def construct(self, counts):
+        ops.assign_add(self.step, ops.ones((), ms.float32))
         i = 0
         for bias in self.biases:
             load = counts[i]
-            step = self.bias_rate * ops.sign(load.mean() - load)
-            ops.assign(bias, ops.select(apply, bias + step, bias))
+            ops.assign_add(bias, self.bias_rate * ops.sign(load.mean() - load))
             i += 1
-        return t
-
-
-class _Corrections(nn.Cell):
-    def __init__(self, finish: _Finish):
-        super().__init__(auto_prefix=False)
-        self.finish = finish
-
-    def construct(self, apply):
-        _, c1, c2 = self.finish.corrections(apply)
-        return c1, c2
+        return self.step
 
 
 class UpdateStep:
-    """Unscale the accumulated gradients, clip by global norm, AdamW if finite, zero the accumulators, and step
-    the aux-loss-free expert biases: b_i += rate * sign(mean load - load_i).
+    """Unscale the accumulated gradients, clip by global norm, AdamW if finite (nothing changes otherwise, not even
+    the step count), zero the accumulators, and step the aux-loss-free expert biases:
+    b_i += rate * sign(mean load - load_i).
 
     ``groups`` partitions the optimizer's parameters (lists of indices); groups with the same shapes in the same
     order (the decoder layers of one kind) share one compiled norm graph and one compiled AdamW graph, run for
@@ -227,19 +226,17 @@ class UpdateStep:
         groups = [list(range(len(params)))] if groups is None else [list(g) for g in groups]
         if sorted(i for g in groups for i in g) != list(range(len(params))):
             raise ValueError("UpdateStep groups must partition the optimizer's parameters")
+        self.optimizer = optimizer
         self.max_norm = float(max_norm)
         self.finish = _Finish(optimizer, expert_biases, bias_rate)
-        self.corrections = _Corrections(self.finish)
         by_shape: Dict[tuple, List[List[int]]] = {}
         for g in groups:
             by_shape.setdefault(tuple((tuple(params[i].shape), optimizer.decay[i]) for i in g), []).append(g)
         self.kinds = []
         for n, (key, members) in enumerate(by_shape.items()):
             first = members[0]
-            wd = [w for _, w in key]
             if len(members) == 1:
-                cells = [[params[i] for i in first], [m[i] for i in first], [v[i] for i in first],
-                         [accum[i] for i in first]]
+                cells = [[x[i] for i in first] for x in (params, m, v, accum)]
                 binding = None
             else:  # template tensors, bound to each member's tensors before a run
                 cells = [[Parameter(Tensor(np.zeros(params[i].shape, np.float32)), name=f"update{n}.{role}.{j}",
@@ -247,26 +244,34 @@ class UpdateStep:
                 binding = Binding([t for role in cells for t in role],
                                   [[x[i] for x in (params, m, v, accum) for i in g] for g in members])
             self.kinds.append((binding, len(members), _GroupNorm(cells[3], world),
-                               _GroupApply(cells[0], cells[1], cells[2], cells[3], wd, optimizer)))
+                               _GroupApply(*cells, [w for _, w in key], optimizer), _ZeroAccum(cells[3])))
 
     def _each(self):
-        for binding, count, norm, apply in self.kinds:
+        for binding, count, norm, apply, zero in self.kinds:
             for j in range(count):
                 if binding is not None:
                     binding.bind(j)
-                yield norm, apply
+                yield norm, apply, zero
 
     def __call__(self, lr, inv_scale, counts):
-        sq = [norm(inv_scale) for norm, _ in self._each()]
-        norm = ops.sqrt(ops.addn(sq) if len(sq) > 1 else sq[0])
+        sq = [cells[0]() for cells in self._each()]
+        norm = ops.sqrt(ops.addn(sq) if len(sq) > 1 else sq[0]) * inv_scale
         finite = ops.isfinite(norm)
+        if not bool(finite.asnumpy()):
+            for _, _, zero in self._each():
+                zero()
+            return norm, finite
         clip = Tensor(1.0, ms.float32)
         if self.max_norm > 0:
             clip = ops.minimum(clip, self.max_norm / (norm + 1e-6))
-        c1, c2 = self.corrections(finite)
-        for _, apply in self._each():
-            apply(lr, inv_scale, clip, c1, c2, finite)
-        self.finish(finite, counts)
+        o = self.optimizer
+        step = int(round(float(o.step.asnumpy()))) + 1
+        lr_eff, eps_eff, ratio = (Tensor(x, ms.float32) for x in fused_hyperparameters(
+            float(lr.asnumpy()), o.eps, (o.b1, o.b2), step))
+        factor = inv_scale * clip  # unscale and clip in one multiply
+        for _, apply, _ in self._each():
+            apply(lr_eff, eps_eff, ratio, factor)
+        self.finish(counts)
         return norm, finite
 
 
