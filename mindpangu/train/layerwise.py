@@ -191,7 +191,7 @@ class _Embed(nn.Cell):
 
 
 class EmbedBackward(nn.Cell):
-    """dh0 -> the embedding table's gradient, added into its accumulator."""
+    """(ids, dh0) -> the embedding table's gradient, added into its accumulator; returns a scalar to wait on."""
 
     def __init__(self, embedding, accum: Parameter):
         super().__init__(auto_prefix=False)
@@ -207,7 +207,8 @@ class EmbedBackward(nn.Cell):
 
 
 class _Kind:
-    """The compiled cells of one layer kind and their bindings to the model's layers of that kind."""
+    """The compiled cells of one layer kind and their bindings to the model's layers of that kind. The template is
+    a fresh ``DecoderLayer`` built from the config (its own initial tensors are never used: it is always bound)."""
 
     def __init__(self, model, cfg: TrainConfig, members: List, first_index: int, accum_of: Dict[int, Parameter]):
         from ..models.decoder import DecoderLayer
