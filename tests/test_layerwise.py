@@ -75,7 +75,10 @@ def test_binding_shares_storage():
     a = ms.Parameter(ms.Tensor(np.ones((2, 3), np.float32)), name="a")
     b = ms.Parameter(ms.Tensor(np.full((2, 3), 2.0, np.float32)), name="b")
     binding = Binding([tmpl], [[a], [b]])
-    binding.bind(1)
+    binding.bind(0)
+    np.testing.assert_array_equal(tmpl.asnumpy(), a.asnumpy())
+    binding.bind(1)  # rebinding moves the template; it must not copy b's values into a
+    np.testing.assert_array_equal(a.asnumpy(), np.ones((2, 3)))
     np.testing.assert_array_equal(tmpl.asnumpy(), b.asnumpy())
     ms.ops.assign(tmpl, ms.Tensor(np.full((2, 3), 7.0, np.float32)))
     np.testing.assert_array_equal(b.asnumpy(), np.full((2, 3), 7.0))
