@@ -229,8 +229,8 @@ def train_worker(side: str, config: str, overrides, steps: int) -> dict:
         ms.set_context(mode=ms.GRAPH_MODE)
         runner = StepRunner(build_model(cfg.model, seed=cfg.seed), cfg)
         step = lambda batches: runner.run(batches, 1e-4)  # noqa: E731
-        if hasattr(runner.micro, "timings"):
-            parts = runner.micro.timings
+        if hasattr(runner.micro, "time_parts"):
+            parts = runner.micro.time_parts()
     start = time.perf_counter()
     step(_random_batches(cfg, rng))
     first = time.perf_counter() - start

@@ -16,7 +16,7 @@ global_batch come in as inputs), so the total loss, its value and its gradient a
 from __future__ import annotations
 
 import time
-from typing import Dict, List, Sequence
+from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 import mindspore as ms
@@ -232,12 +232,11 @@ class LayerwiseMicroStep:
 
     def __init__(self, model, cfg: TrainConfig, params: Sequence[Parameter]):
         self.accum = ParameterTuple(params).clone(prefix="accum", init="zeros")
-        accum = self.accum
         m = cfg.model
         b = m.moe.balance_loss
         self.coeff, self.z_coeff, self.mtp_weight = b.coeff, b.z_loss_coeff, m.mtp_loss_weight
         self.num_experts = m.moe.num_experts
-        accum_of = {id(p): a for p, a in zip(params, accum)}
+        accum_of = {id(p): a for p, a in zip(params, self.accum)}
         layers = list(model.model.layers)
         self.kinds, self.order = {}, []
         for is_moe in (False, True):
@@ -258,10 +257,21 @@ class LayerwiseMicroStep:
         self.embed = _Embed(embedding)
         self.embed_backward = EmbedBackward(embedding, accum_of[id(embedding.weight)])
         self.zero_row = Tensor(np.zeros((self.num_experts,), np.float32))
-        self.timings: Dict[str, float] = {}  # seconds per part, summed over calls (tools/bench.py compare)
+        self.one = Tensor(1.0, ms.float32)
+        # the rows passed when nothing is pooled (routing statistics, eval)
+        self.unpooled = self._rows(np.zeros((self.num_main_moe + self.num_mtp_moe, self.num_experts), np.float32))
+        self.timings: Optional[Dict[str, float]] = None  # seconds per part once ``time_parts`` is called
+
+    def time_parts(self) -> Dict[str, float]:
+        """Start charging wall time per part (summed over calls) into the returned dict (tools/bench.py compare).
+        Off by default: it waits for each part's outputs."""
+        self.timings = {}
+        return self.timings
 
     def _tick(self, part: str, start: float, out) -> float:
         """Charge the time since ``start`` to ``part`` once ``out`` exists; returns the new start."""
+        if self.timings is None:
+            return start
         for t in out if isinstance(out, (tuple, list)) else (out,):
             if isinstance(t, Tensor):
                 t.asnumpy()
@@ -290,13 +300,11 @@ class LayerwiseMicroStep:
     def routing_counts(self, tokens: np.ndarray) -> np.ndarray:
         """Expert counts [MoE layers incl. MTP, E] of one micro-batch [B, S+1] (forward only)."""
         inputs, labels = Tensor(tokens[:, :-1]), Tensor(tokens[:, 1:])
-        zeros = np.zeros((self.num_main_moe + self.num_mtp_moe, self.num_experts), np.float32)
-        rows, mtp_rows = self._rows(zeros)
-        one = Tensor(1.0, ms.float32)
-        _, h, terms = self._forward(inputs, rows, one)
+        rows, mtp_rows = self.unpooled
+        _, h, terms = self._forward(inputs, rows, self.one)
         out = [t[2].asnumpy() for t in terms]
         if self.num_mtp_moe:
-            out += list(self.head(h, inputs, labels, mtp_rows, one)[4].asnumpy())
+            out += list(self.head(h, inputs, labels, mtp_rows, self.one)[4].asnumpy())
         return np.stack(out) if out else np.zeros((1, self.num_experts), np.float32)
 
     def __call__(self, tokens: np.ndarray, pooled: np.ndarray, pooled_tokens: float, scale: float):
@@ -338,8 +346,6 @@ class LayerwiseMicroStep:
     def eval_loss(self, tokens: np.ndarray) -> float:
         """Held-out LM loss of one batch [B, S+1] (main head)."""
         inputs, labels = Tensor(tokens[:, :-1]), Tensor(tokens[:, 1:])
-        zeros = np.zeros((self.num_main_moe + self.num_mtp_moe, self.num_experts), np.float32)
-        rows, mtp_rows = self._rows(zeros)
-        one = Tensor(1.0, ms.float32)
-        _, h, _ = self._forward(inputs, rows, one)
-        return float(self.head(h, inputs, labels, mtp_rows, one)[0].asnumpy())
+        rows, mtp_rows = self.unpooled
+        _, h, _ = self._forward(inputs, rows, self.one)
+        return float(self.head(h, inputs, labels, mtp_rows, self.one)[0].asnumpy())

@@ -375,8 +375,9 @@ class StepRunner:
         norm, finite = self.update(ms.Tensor(lr, ms.float32), ms.Tensor(1.0 / loss_scale, ms.float32),
                                    ms.Tensor(counts))
         finite = bool(finite.asnumpy())
-        if hasattr(self.micro, "timings"):
-            self.micro.timings["optimizer (clip, AdamW)"] = self.micro.timings.get("optimizer (clip, AdamW)", 0.0) + \
+        timings = getattr(self.micro, "timings", None)
+        if timings is not None:
+            timings["optimizer (clip, AdamW)"] = timings.get("optimizer (clip, AdamW)", 0.0) + \
                 time.perf_counter() - start
         sums = [float(x) for x in sums]
         return {"loss": sums[0], "lm_loss": sums[1], "mtp_loss": sums[2], "balance_loss": sums[3], "z_loss": sums[4],
