@@ -23,7 +23,7 @@ import mindspore as ms
 from mindspore import Parameter, ParameterTuple, Tensor, nn, ops
 
 from ..config.schema import TrainConfig
-from .losses import balance_loss, cross_entropy, z_loss
+from .losses import RouteLosses, cross_entropy
 
 
 def relative_params(cell: nn.Cell) -> List[Parameter]:
@@ -58,13 +58,9 @@ class _LayerLosses(nn.Cell):
     def __init__(self, layer, cfg: TrainConfig):
         super().__init__(auto_prefix=False)
         self.layer = layer
-        m = cfg.model
-        b = m.moe.balance_loss
         self.is_moe = layer.is_moe
-        self.kind, self.z_on = b.type, b.z_loss_coeff > 0
-        self.num_experts, self.top_k = m.moe.num_experts, m.moe.num_experts_per_tok
-        self.sigmoid = m.moe.score_function == "sigmoid"
-        self.virtual_ranks = cfg.parallel_config.expert_parallel
+        self.route_losses = RouteLosses(cfg)
+        self.num_experts = cfg.model.moe.num_experts
 
     def construct(self, h, pooled_counts, pooled_tokens):
         y, route, _ = self.layer.block(h)
@@ -72,13 +68,8 @@ class _LayerLosses(nn.Cell):
         zl = ops.zeros((), ms.float32)
         counts = ops.zeros((self.num_experts,), ms.float32)
         if self.is_moe:
-            _, indices, scores, logits, layer_counts = route
-            if self.kind != "none":
-                bal = balance_loss(scores, indices, self.num_experts, self.top_k, self.kind, self.virtual_ranks,
-                                   self.sigmoid, pooled_counts, pooled_tokens)
-            if self.z_on:
-                zl = z_loss(logits)
-            counts = layer_counts.astype(ms.float32)
+            bal, zl = self.route_losses(route, pooled_counts, pooled_tokens)
+            counts = route[4].astype(ms.float32)
         return y, bal, zl, counts
 
 

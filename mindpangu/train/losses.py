@@ -16,7 +16,9 @@ The three types differ only in which tokens the statistics pool over:
 from __future__ import annotations
 
 import mindspore as ms
-from mindspore import ops
+from mindspore import nn, ops
+
+from ..config.schema import TrainConfig
 
 
 _SPARSE_CE = ops.SparseSoftmaxCrossEntropyWithLogits()
@@ -73,3 +75,29 @@ def z_loss(logits):
     """Router z-loss: mean_t logsumexp(logits_t)^2."""
     lse = ops.logsumexp(logits.astype(ms.float32), -1)
     return (lse * lse).mean()
+
+
+class RouteLosses(nn.Cell):
+    """One MoE layer's unweighted balance and z-loss terms from its router outputs, as configured:
+    (route (weights, indices, scores, logits, counts), pooled_counts [E], pooled_tokens) -> (balance, z), each 0
+    when switched off. Shared by the whole-model loss and the layer-wise engine."""
+
+    def __init__(self, cfg: TrainConfig):
+        super().__init__(auto_prefix=False)
+        m = cfg.model
+        b = m.moe.balance_loss
+        self.kind, self.z_on = b.type, b.z_loss_coeff > 0
+        self.num_experts, self.top_k = m.moe.num_experts, m.moe.num_experts_per_tok
+        self.sigmoid = m.moe.score_function == "sigmoid"
+        self.virtual_ranks = cfg.parallel_config.expert_parallel
+
+    def construct(self, route, pooled_counts, pooled_tokens):
+        _, indices, scores, logits, _ = route
+        bal = ops.zeros((), ms.float32)
+        zl = ops.zeros((), ms.float32)
+        if self.kind != "none":
+            bal = balance_loss(scores, indices, self.num_experts, self.top_k, self.kind, self.virtual_ranks,
+                               self.sigmoid, pooled_counts, pooled_tokens)
+        if self.z_on:
+            zl = z_loss(logits)
+        return bal, zl

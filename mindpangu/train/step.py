@@ -11,7 +11,7 @@ import mindspore as ms
 from mindspore import Parameter, ParameterTuple, Tensor, nn, ops
 
 from ..config.schema import TrainConfig
-from .losses import balance_loss, cross_entropy, z_loss
+from .losses import RouteLosses, cross_entropy
 from .layerwise import Binding, LayerwiseMicroStep, relative_params
 from .optim import AdamW, fused_adamw, fused_hyperparameters
 
@@ -35,10 +35,9 @@ class LossNet(nn.Cell):
         self.mtp_weight = m.mtp_loss_weight
         self.num_mtp = m.num_mtp_layers
         b = m.moe.balance_loss
-        self.kind, self.coeff, self.z_coeff = b.type, b.coeff, b.z_loss_coeff
-        self.num_experts, self.top_k = m.moe.num_experts, m.moe.num_experts_per_tok
-        self.sigmoid = m.moe.score_function == "sigmoid"
-        self.virtual_ranks = cfg.parallel_config.expert_parallel
+        self.coeff, self.z_coeff = b.coeff, b.z_loss_coeff
+        self.num_experts = m.moe.num_experts
+        self.route_losses = RouteLosses(cfg)
         self.num_moe = len(moe_layers(model))
 
     def construct(self, tokens, pooled_counts, pooled_tokens, scale):
@@ -57,13 +56,10 @@ class LossNet(nn.Cell):
         zl = ops.zeros((), ms.float32)
         counts = ()
         i = 0
-        for _, indices, scores, router_logits, layer_counts in routes:
-            if self.kind != "none":
-                bal = bal + balance_loss(scores, indices, self.num_experts, self.top_k, self.kind,
-                                         self.virtual_ranks, self.sigmoid, pooled_counts[i], pooled_tokens)
-            if self.z_coeff > 0:
-                zl = zl + z_loss(router_logits)
-            counts = counts + (layer_counts.astype(ms.float32),)
+        for route in routes:
+            b, z = self.route_losses(route, pooled_counts[i], pooled_tokens)
+            bal, zl = bal + b, zl + z
+            counts = counts + (route[4].astype(ms.float32),)
             i += 1
         total = lm + self.mtp_weight * mtp + self.coeff * bal + self.z_coeff * zl
         stacked = ops.stack(counts) if counts else ops.zeros((1, self.num_experts), ms.float32)
