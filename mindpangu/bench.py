@@ -10,7 +10,7 @@ import mindspore as ms
 
 from .config import MoEConfig, TrainConfig
 from .models import build_model
-from .moe.dispatch import GroupedExperts, block_size, permute_plan
+from .moe import build_dispatcher
 from .moe.router import Router
 from .params import count_parameters, human
 
@@ -121,21 +121,17 @@ class _Gating(ms.nn.Cell):
 
 
 class _Dispatch(ms.nn.Cell):
-    """Permute + unpermute-combine around an identity expert: forward, or gradients w.r.t. x and the weights."""
+    """A token dispatcher's dispatch + combine around an identity expert: forward, or gradients w.r.t. x and the
+    weights."""
 
-    def __init__(self, num_experts: int, hidden: int, backend: str, backward: bool):
+    def __init__(self, num_experts: int, backend: str, backward: bool):
         super().__init__()
-        self.e, self.backward = GroupedExperts(num_experts, hidden, 1, backend=backend), backward
+        self.dispatcher, self.backward = build_dispatcher(backend, num_experts), backward
         self.grad = ms.ops.GradOperation(get_all=True, sens_param=True)
 
     def forward(self, x, weights, indices):
-        e, t, k = self.e, indices.shape[0], indices.shape[1]
-        if e.use_kernel:
-            xs, slot, _, _ = e.permute(x, indices)
-            return e.unpermute(xs, slot, weights)
-        slot, row_of_slot, _, _ = permute_plan(indices, e.num_experts, block_size(t * k, e.num_experts))
-        xs = ms.ops.gather(ms.ops.concat((x, ms.ops.zeros((1, e.hidden), x.dtype)), 0), row_of_slot // k, 0)
-        return (ms.ops.gather(xs, slot, 0).reshape(t, k, e.hidden) * weights.reshape(t, k, 1)).sum(1)
+        xs, _, slot_of_row = self.dispatcher.dispatch(x, indices)
+        return self.dispatcher.combine(xs, weights, slot_of_row)
 
     def construct(self, x, weights, indices, dy):
         if self.backward:
@@ -179,7 +175,7 @@ def bench_ops(tokens=(1024, 8192, 32768), experts=(64, 256), k: int = 8, hidden:
                 rows.append(("gating (sigmoid top-k)", t, e, pass_name, times["reference"], times["cpu_kernel"]))
                 times = {}
                 for backend in ("reference", "cpu_kernel"):
-                    cell = _Dispatch(e, hidden, backend, backward)
+                    cell = _Dispatch(e, backend, backward)
                     times[backend] = _median_time(lambda: _sync(cell(x, w, idx, dy)), repeats)
                 rows.append(("permute+unpermute", t, e, pass_name, times["reference"], times["cpu_kernel"]))
                 for row in rows[-2:]:

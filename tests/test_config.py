@@ -51,6 +51,8 @@ BAD = [
      "> 0.0"),
     ("group-limited top-k", BASE + "model: {moe: {num_groups: 8}}\n", [], "model.moe.num_groups", "8", "router: moge"),
     ("list for int", BASE + "runner_config: {batch_size: [8]}\n", [], "runner_config.batch_size", "[8]", "integer"),
+    ("fixed block without the reference dispatcher", BASE + "model: {moe: {dispatch_block_size: 8}}\n", [],
+     "model.moe.dispatch_block_size", "8", "0"),
 ]
 
 

@@ -5,7 +5,7 @@ import mindspore as ms
 
 import mindpangu as mp
 from mindpangu.config import BalanceLossConfig, ExpertBiasConfig, MoEConfig
-from mindpangu.moe import GroupedExperts, Router, kernel_library
+from mindpangu.moe import MoELayer, Router, kernel_library
 from mindpangu.train.step import StepRunner
 from conftest import ULTRA_TINY, ROOT
 
@@ -65,11 +65,12 @@ DISPATCH = [(37, 8, 2, True), (5, 16, 1, False), (64, 4, 4, False), (13, 64, 8, 
 
 @pytest.mark.parametrize("t,e,k,starve", DISPATCH)
 def test_permute_unpermute_kernels_match_reference(rng, t, e, k, starve):
-    ref, ker = GroupedExperts(e, 12, 10, backend="reference"), GroupedExperts(e, 12, 10, backend="cpu_kernel")
+    ref, ker = (MoELayer(12, MoEConfig(num_experts=e, num_experts_per_tok=k, intermediate_size=10, num_shared_experts=0,
+                                       dispatch_backend=backend)) for backend in ("reference", "cpu_kernel"))
     for name in ("gate_proj", "up_proj", "down_proj"):
-        value = ms.Tensor(rng.normal(0, 0.3, getattr(ref, name).shape).astype(np.float32))
-        getattr(ref, name).set_data(value)
-        getattr(ker, name).set_data(value)
+        value = ms.Tensor(rng.normal(0, 0.3, getattr(ref.experts, name).shape).astype(np.float32))
+        getattr(ref.experts, name).set_data(value)
+        getattr(ker.experts, name).set_data(value)
     idx = np.stack([rng.choice(e, k, replace=False) for _ in range(t)]).astype(np.int32)
     if starve:  # expert 0 gets no token
         idx = np.where(idx == 0, (idx + 1) % e if k == 1 else idx, idx)
@@ -79,9 +80,9 @@ def test_permute_unpermute_kernels_match_reference(rng, t, e, k, starve):
     w = ms.Tensor(rng.uniform(0.1, 1, (t, k)).astype(np.float32))
     probe = ms.Tensor(rng.normal(size=(t, 12)).astype(np.float32))
 
-    def run(experts):
-        f = lambda xx, ww: (experts(xx, ww, ms.Tensor(idx)) * probe).sum()  # noqa: E731
-        return ms.value_and_grad(f, grad_position=(0, 1), weights=experts.trainable_params())(x, w)
+    def run(layer):
+        f = lambda xx, ww: (layer.routed_experts(xx, ww, ms.Tensor(idx)) * probe).sum()  # noqa: E731
+        return ms.value_and_grad(f, grad_position=(0, 1), weights=layer.experts.trainable_params())(x, w)
 
     (la, (ga, gpa)), (lb, (gb, gpb)) = run(ref), run(ker)
     assert float(lb.asnumpy()) == pytest.approx(float(la.asnumpy()), rel=1e-5)

@@ -4,15 +4,19 @@ import pytest
 import mindspore as ms
 
 from mindpangu.config import MoEConfig
-from mindpangu.moe import GroupedExperts, Router, block_size, permute_plan
+from mindpangu.moe import MoELayer, Router, block_size, permute_plan
 import numpy_reference as ref
 
 
-def _experts(rng, e, h, i):
-    ge = GroupedExperts(e, h, i)
+def _experts(rng, e, k, h, i, backend):
+    """An MoE layer's routed experts (its token dispatcher and grouped experts), random weights."""
+    cfg = MoEConfig(num_experts=e, num_experts_per_tok=k, intermediate_size=i, num_shared_experts=0,
+                    dispatch_backend=backend)
+    layer = MoELayer(h, cfg)
+    ge = layer.experts
     for p in (ge.gate_proj, ge.up_proj, ge.down_proj):
         p.set_data(ms.Tensor(rng.normal(0, 0.3, p.shape).astype(np.float32)))
-    return ge
+    return layer
 
 
 def _numpy_experts(ge, x, weights, indices):
@@ -31,8 +35,7 @@ def _numpy_experts(ge, x, weights, indices):
 @pytest.mark.parametrize("expert_major", [False, True], ids=["blocks", "expert_major"])
 @pytest.mark.parametrize("tokens,experts,k", [(37, 8, 2), (5, 16, 1), (64, 4, 4), (13, 64, 8)])
 def test_dropless_experts_match_per_token_loop(rng, tokens, experts, k, expert_major):
-    ge = _experts(rng, experts, 12, 10)
-    ge.expert_major = expert_major
+    layer = _experts(rng, experts, k, 12, 10, "expert_major" if expert_major else "reference")
     x = rng.normal(size=(tokens, 12)).astype(np.float32)
     choices = [e for e in range(experts) if e != 3] if experts >= 8 else range(experts)  # expert 3 gets no token
     idx = np.stack([rng.choice(choices, k, replace=False) for _ in range(tokens)]).astype(np.int32)
@@ -41,8 +44,8 @@ def test_dropless_experts_match_per_token_loop(rng, tokens, experts, k, expert_m
         # and expert, as every router gives)
         idx[:, -1] = np.where(idx[:, 0] == 2, 2, idx[:, -1])
     wts = rng.uniform(0.1, 1.0, (tokens, k)).astype(np.float32)
-    got = ge(ms.Tensor(x), ms.Tensor(wts), ms.Tensor(idx)).asnumpy()
-    np.testing.assert_allclose(got, _numpy_experts(ge, x, wts, idx), atol=1e-5, rtol=1e-5)
+    got = layer.routed_experts(ms.Tensor(x), ms.Tensor(wts), ms.Tensor(idx)).asnumpy()
+    np.testing.assert_allclose(got, _numpy_experts(layer.experts, x, wts, idx), atol=1e-5, rtol=1e-5)
 
 
 def test_permute_plan_is_a_stable_counting_sort(rng):
@@ -60,13 +63,14 @@ def test_permute_plan_is_a_stable_counting_sort(rng):
 
 
 def test_expert_gradients_match_finite_differences(rng):
-    ge = _experts(rng, 4, 6, 5)
+    layer = _experts(rng, 4, 2, 6, 5, "reference")
+    ge = layer.experts
     x = rng.normal(size=(9, 6)).astype(np.float32)
     idx = rng.integers(0, 4, (9, 2)).astype(np.int32)
     wts = rng.uniform(0.2, 1.0, (9, 2)).astype(np.float32)
 
     def loss(xx, ww):
-        return (ge(xx, ww, ms.Tensor(idx)) ** 2).sum()
+        return (layer.routed_experts(xx, ww, ms.Tensor(idx)) ** 2).sum()
 
     gx, gw = ms.grad(loss, grad_position=(0, 1))(ms.Tensor(x), ms.Tensor(wts))
     g_param = ms.grad(loss, grad_position=None, weights=[ge.down_proj])(ms.Tensor(x), ms.Tensor(wts))[0]

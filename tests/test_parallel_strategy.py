@@ -20,7 +20,8 @@ LAYOUTS = {
     "dp2_tp4_ep2_vocab_tp": ["parallel_config.data_parallel=2", "parallel_config.model_parallel=4",
                              "parallel_config.expert_parallel=2", "parallel_config.vocab_emb_dp=false"],
 }
-SMALL = ["model.num_layers=2", "runner_config.batch_size=2", "train_dataset.seq_length=16"]
+SMALL = ["model.num_layers=2", "runner_config.batch_size=2", "train_dataset.seq_length=16",
+         "model.moe.dispatch_backend=expert_major"]
 
 
 def _config(model, layout):
@@ -76,6 +77,13 @@ def test_strategy_check_catches_bad_strategies():
     assert not strategy_problems(((2, 2), ()), [(8, 4), ()], 4)
 
 
+def test_parallelize_refuses_a_dispatcher_it_cannot_shard():
+    cfg = mp.load_config(TINY["ultra"], overrides=SMALL[:-1] + LAYOUTS["dp4_tp2_ep4_sp"] +
+                         ["model.moe.dispatch_backend=reference"])
+    with pytest.raises(ValueError, match="model.layers.1.mlp was built with the 'reference' token dispatcher"):
+        parallelize(mp.build_model(cfg.model, seed=3), cfg)
+
+
 def test_parameter_slices_by_hand():
     """DP4 x TP2 x EP4 on tiny Ultra MoE (hidden 128, 4 heads of nope 32 + rope 16, q_lora 64, kv_lora 32, v 32,
     8 experts of intermediate 64, one shared expert, vocab 1024)."""
@@ -113,7 +121,7 @@ def test_pipeline_ranks_hold_their_stage_only():
 
 def test_parallelize_keeps_single_device_numerics():
     cfg = _config("ultra", "dp4_tp2_ep4_sp")
-    plain = mp.build_model(cfg.model, seed=3)
+    plain = mp.build_model(mp.load_config(TINY["ultra"], overrides=SMALL[:-1]).model, seed=3)  # block dispatch
     annotated = parallelize(mp.build_model(cfg.model, seed=3), cfg)  # same seed: same weights
     ms.set_context(mode=ms.PYNATIVE_MODE)
     ids = ms.Tensor(np.random.default_rng(1).integers(0, 1024, (2, 16)).astype(np.int32))

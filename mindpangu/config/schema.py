@@ -79,15 +79,25 @@ class MoEConfig(Section):
                                           aliases=("moe_router_topk_scaling_factor",))
     router_scale: bool = option(False, "Learned per-expert scale [1, num_experts] on the chosen weights, "
                                        "initialised to 1 (Pro MoE's router_scale).")
-    dispatch_backend: str = option("auto", "Gating and token permute/unpermute implementation. reference: "
-                                           "composite MindSpore ops (static shapes, dropless, any device). "
-                                           "cpu_kernel: the C++ aot kernels of ops/cpu (CPU). ascend: MindSpore's "
-                                           "fused Ascend MoE ops (not implemented yet). auto: cpu_kernel on CPU "
+    dispatch_backend: str = option("auto", "Gating and token dispatcher implementation (mindpangu/moe/"
+                                           "token_dispatcher.py). reference: composite MindSpore ops into "
+                                           "expert-segment blocks (static shapes, dropless, any device). "
+                                           "cpu_kernel: the same layout from the C++ aot kernels of ops/cpu (CPU). "
+                                           "expert_major: an [experts, tokens, hidden] buffer whose expert axis "
+                                           "semi-auto parallel shards over EP (what parallel layouts need). "
+                                           "ascend: MindSpore's fused Ascend MoE ops (not implemented yet). "
+                                           "auto: expert_major under semi-auto parallel, else cpu_kernel on CPU "
                                            "when it builds, else reference.",
-                                   choices=("auto", "reference", "cpu_kernel", "ascend"))
+                                   choices=("auto", "reference", "cpu_kernel", "expert_major", "ascend"))
+    dispatch_block_size: int = option(0, "Rows per expert block of the reference dispatcher; 0 picks it from the "
+                                         "token count. Dynamic-shape graphs (serving export) need a fixed size.",
+                                      ge=0)
     balance_loss: BalanceLossConfig = option(BalanceLossConfig(), "Load-balancing loss.")
 
     def validate(self, path, origins):
+        if self.dispatch_block_size and self.dispatch_backend != "reference":
+            _fail(path, "dispatch_block_size", f"needs dispatch_backend 'reference' (the {self.dispatch_backend} "
+                  "dispatch sizes its blocks itself)", origins, self.dispatch_block_size, "0")
         if self.num_experts_per_tok > self.num_experts:
             _fail(path, "num_experts_per_tok", f"must be <= num_experts ({self.num_experts})", origins,
                   self.num_experts_per_tok, f"1..{self.num_experts}")

@@ -19,24 +19,21 @@ import mindspore as ms
 from mindspore import nn
 
 from ..fsutil import replace_dir, staging_dir
-from ..moe.kernels import kernel_library, resolve_backend
+from ..moe import kernel_library, resolve_backend
 
 DYNAMIC_BLOCK = 8  # dispatch rows per expert block in dynamic-shape graphs: the least padding for decode batches
 
 
 def with_backend(model, backend: str, fixed_block: int = 0):
-    """The same model (same weights) rebuilt with ``moe.dispatch_backend = backend`` (and, if > 0, that fixed
-    dispatch block size, which dynamic shapes need)."""
+    """The same model (same weights) rebuilt with ``moe.dispatch_backend = backend`` and
+    ``moe.dispatch_block_size = fixed_block`` (> 0: a fixed dispatch block size, which dynamic shapes need)."""
     from ..convert.hf import assign
     from ..models import build_model
 
     cfg = copy.deepcopy(model.config)
-    cfg.moe.dispatch_backend = backend
+    cfg.moe.dispatch_backend, cfg.moe.dispatch_block_size = backend, fixed_block
     twin = build_model(cfg, init=False)
     assign(twin, {p.name: p.asnumpy() for p in model.get_parameters()}, "the exported model")
-    for _, cell in twin.cells_and_names():
-        if hasattr(cell, "fixed_block"):
-            cell.fixed_block = fixed_block
     return twin
 
 

@@ -24,10 +24,7 @@ def _training_checkpoint(path: str) -> Optional[str]:
 def _check_same_model(saved: dict, cfg: ModelConfig, source: str) -> None:
     from ..train.checkpoint import config_differences
 
-    current = cfg.to_dict()
-    for d in (saved, current):  # the dispatch implementation does not change the weights
-        d.get("moe", {}).pop("dispatch_backend", None)
-    diff = config_differences(saved, current)
+    diff = config_differences(saved, cfg.to_dict())
     if diff:
         raise ValueError(f"'{source}' holds weights for another model than the config: {'; '.join(diff[:6])}"
                          f"{' ...' if len(diff) > 6 else ''} (checkpoint -> config)")

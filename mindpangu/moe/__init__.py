@@ -1,8 +1,10 @@
-"""Mixture-of-experts pieces: routers (top-k, MoGE), dropless dispatch, the MoE layer."""
-from .dispatch import GroupedExperts, block_size, permute_plan
-from .kernels import kernel_library, resolve_backend
+"""Mixture-of-experts pieces: routers (top-k, MoGE), token dispatchers, grouped experts, the MoE layer."""
+from .experts import GroupedExperts
+from .kernels import kernel_library
 from .layer import MoELayer
 from .router import Router, expert_counts
+from .token_dispatcher import (BlockPaddedDispatcher, ExpertMajorDispatcher, KernelDispatcher, block_size,
+                               build_dispatcher, permute_plan, resolve_backend)
 
-__all__ = ["GroupedExperts", "MoELayer", "Router", "block_size", "expert_counts", "kernel_library", "permute_plan",
-           "resolve_backend"]
+__all__ = ["BlockPaddedDispatcher", "ExpertMajorDispatcher", "GroupedExperts", "KernelDispatcher", "MoELayer", "Router",
+           "block_size", "build_dispatcher", "expert_counts", "kernel_library", "permute_plan", "resolve_backend"]

@@ -98,7 +98,7 @@ def make_permute(num_experts: int):
 
     The layout is the reference ``permute_plan``'s: segments padded to ``block_size(R, E)`` rows, S = B * block.
     """
-    from .dispatch import block_size
+    from .token_dispatcher import block_size
 
     def shapes(x, i):
         rows = i[0] * i[1]
@@ -123,22 +123,3 @@ def make_unpermute():
         return d_ys, ops.zeros_like(slot), d_weights
 
     return _custom("MoeUnpermute", lambda ys, s, w: (w[0], ys[1]), ms.float32, bprop)
-
-
-def resolve_backend(requested: str) -> str:
-    """The dispatch implementation to build: 'reference' or 'cpu_kernel'.
-
-    auto: the C++ kernels on CPU when they build (faster, see tools/bench.py ops), else the reference path.
-    """
-    target = ms.get_context("device_target")
-    if requested == "reference":
-        return "reference"
-    if requested == "ascend":
-        raise ValueError("moe.dispatch_backend 'ascend' (MindSpore's fused Ascend MoE ops) is not implemented yet; "
-                         "use 'reference' (runs everywhere) or 'auto'")
-    if requested == "cpu_kernel":
-        if target != "CPU":
-            raise ValueError(f"moe.dispatch_backend 'cpu_kernel' runs on CPU only (device_target is {target})")
-        kernel_library(required=True)
-        return "cpu_kernel"
-    return "cpu_kernel" if target == "CPU" and kernel_library() else "reference"

@@ -1,4 +1,4 @@
-"""The MoE feed-forward block: router -> dropless routed experts -> + shared expert."""
+"""The MoE feed-forward block: router -> token dispatcher -> grouped experts -> combine, + shared expert."""
 from __future__ import annotations
 
 import numpy as np
@@ -6,13 +6,15 @@ from mindspore import Parameter, Tensor, nn, ops
 
 from ..config.schema import MoEConfig
 from ..layers import SwiGLU
-from .dispatch import GroupedExperts
+from .experts import GroupedExperts
 from .router import Router
+from .token_dispatcher import build_dispatcher, resolve_backend
 
 
 class MoELayer(nn.Cell):
     """out = sum_k w_k * expert_k(x) + shared(x). Parameter names follow HF: gate, experts, shared_experts,
-    and Pro MoE's ``router_scale [1, E]`` (initialised to 1), which multiplies the chosen weights.
+    and Pro MoE's ``router_scale [1, E]`` (initialised to 1), which multiplies the chosen weights. The token
+    dispatcher (no parameters) is the one ``cfg.dispatch_backend`` resolves to (``token_dispatcher.py``).
 
     ``shared_name`` is the attribute holding the shared expert: ``shared_experts`` (DeepSeek / openPangu Ultra
     MoE) or ``shared_expert`` (Pangu Pro MoE).
@@ -22,14 +24,13 @@ class MoELayer(nn.Cell):
                  shared_name: str = "shared_experts"):
         super().__init__()
         self.hidden = hidden
-        from .kernels import resolve_backend
-
         self.backend = resolve_backend(cfg.dispatch_backend)
         self.gate = Router(hidden, cfg, self.backend)
         self.use_router_scale = cfg.router_scale
         if self.use_router_scale:
             self.router_scale = Parameter(Tensor(np.ones((1, cfg.num_experts), np.float32)), name="router_scale")
-        self.experts = GroupedExperts(cfg.num_experts, hidden, cfg.intermediate_size, compute_dtype, self.backend)
+        self.token_dispatcher = build_dispatcher(self.backend, cfg.num_experts, cfg.dispatch_block_size)
+        self.experts = GroupedExperts(cfg.num_experts, hidden, cfg.intermediate_size, compute_dtype)
         shared = cfg.shared_expert_intermediate_size or cfg.num_shared_experts * cfg.intermediate_size
         self.has_shared = cfg.num_shared_experts > 0
         self.shared_name = shared_name
@@ -43,12 +44,17 @@ class MoELayer(nn.Cell):
             weights = weights * ops.gather(self.router_scale.reshape(-1), indices, 0)
         return weights, indices, scores, logits, counts
 
+    def routed_experts(self, flat, weights, indices):
+        """Tokens [T, H], weights [T, K] float32, indices [T, K] int32 -> sum_k weights * expert_k(token) [T, H]."""
+        xs, group_expert, slot_of_row = self.token_dispatcher.dispatch(flat, indices)
+        return self.token_dispatcher.combine(self.experts(xs, group_expert), weights, slot_of_row)
+
     def construct(self, x):
         """x [B, S, H] -> (y [B, S, H], (weights, indices, scores, logits, counts))."""
         b, s, h = x.shape
         flat = x.reshape(b * s, h)
         weights, indices, scores, logits, counts = self.route(flat)
-        y = self.experts(flat, weights, indices).reshape(b, s, h)
+        y = self.routed_experts(flat, weights, indices).reshape(b, s, h)
         if self.has_shared:
             y = y + getattr(self, self.shared_name)(x)
         return y, (weights, indices, scores, logits, counts)

@@ -6,9 +6,10 @@
   over TP), row-parallel (o_proj, SwiGLU down: input features over TP, partial sums all-reduced, or
   reduce-scattered over tokens with sequence parallel), replicated (the MLA latent down-projections, eh_proj);
 - RMSNorm over (DP, sequence / TP with sequence parallel); the router replicated over tokens split by DP;
-- routed experts over EP on the expert axis and over ``Layout.expert_tp`` inside each expert, with the MoE layer
-  switched to its expert-major dispatch so that the redistribution between token-split and expert-split tensors
-  is the dispatch;
+- routed experts over EP on the expert axis and over ``Layout.expert_tp`` inside each expert; the MoE layers
+  must be built with the expert-major token dispatcher (``moe.dispatch_backend: expert_major``, which ``auto``
+  resolves to under a semi-auto parallel context), so that the redistribution between token-split and
+  expert-split tensors is the dispatch;
 - ``pipeline_stage`` per cell from ``stage_plan`` (with VPP, each layer's stage is its chunk's; MindSpore orders the
   chunks of a stage itself, as mindformers relies on).
 Everything not named here (attention scores, RoPE, the routing arithmetic) keeps MindSpore's default strategy.
@@ -26,8 +27,7 @@ from mindspore import nn
 
 from ..config.schema import TrainConfig
 from ..layers import Embedding, Linear, RMSNorm, SwiGLU
-from ..moe.dispatch import GroupedExperts
-from ..moe.router import Router
+from ..moe import ExpertMajorDispatcher, GroupedExperts, MoELayer, Router
 from .plan import Layout, ParallelConfigError, check_layout, stage_plan
 
 COLUMN = {"q_b_proj", "q_proj", "kv_b_proj", "k_proj", "v_proj", "gate_proj", "up_proj", "lm_head"}
@@ -153,17 +153,24 @@ def _shard_norm(cell: RMSNorm, d: Degrees):
     cell.scale.shard((s, (1,)))
 
 
+def _shard_dispatcher(name: str, cell: MoELayer, d: Degrees):
+    dispatcher = cell.token_dispatcher
+    if not isinstance(dispatcher, ExpertMajorDispatcher):
+        raise ValueError(f"parallelize: {name} was built with the '{cell.backend}' token dispatcher; parallel layouts "
+                         "need moe.dispatch_backend 'expert_major' (or 'auto' under a semi-auto parallel context), "
+                         "whose [experts, tokens, hidden] buffer is sharded over EP")
+    dispatcher.sort.shard(((1,),))
+    dispatcher.dispatch_rows.shard(((1, 1), (d.ep, 1)))  # [T+1, H] by [E, T] -> [E, T, H], experts over EP
+    dispatcher.combine_rows.shard(((1, 1), (d.dp,)))  # back to routed rows in token order, split by DP
+
+
 def _shard_experts(cell: GroupedExperts, d: Degrees):
-    cell.expert_major = True
     e, t = d.ep, d.etp
-    cell.sort.shard(((1,),))
-    cell.dispatch_rows.shard(((1, 1), (e, 1)))  # [T+1, H] by [E, T] -> [E, T, H], experts over EP
     cell.bmm_gate.shard(((e, 1, 1), (e, t, 1)))
     cell.bmm_up.shard(((e, 1, 1), (e, t, 1)))
     cell.silu.shard(((e, 1, t),))
     cell.mul.shard(((e, 1, t), (e, 1, t)))
     cell.bmm_down.shard(((e, 1, t), (e, 1, t)))
-    cell.combine_rows.shard(((1, 1), (d.dp,)))  # back to routed rows in token order, split by DP
 
 
 def sharded_primitives(model: nn.Cell) -> Iterator[Tuple[str, object]]:
@@ -171,8 +178,8 @@ def sharded_primitives(model: nn.Cell) -> Iterator[Tuple[str, object]]:
     for name, cell in model.cells_and_names():
         attrs = {Linear: ("matmul", "add_bias") if getattr(cell, "bias", None) is not None else ("matmul",), RMSNorm: ("square", "mean", "add_eps", "rsqrt", "normalise", "scale"),
                  SwiGLU: ("silu", "mul"), Embedding: ("gather",), Router: ("matmul",),
-                 GroupedExperts: ("sort", "dispatch_rows", "bmm_gate", "bmm_up", "silu", "mul", "bmm_down",
-                                  "combine_rows")}.get(type(cell), ())
+                 ExpertMajorDispatcher: ("sort", "dispatch_rows", "combine_rows"),
+                 GroupedExperts: ("bmm_gate", "bmm_up", "silu", "mul", "bmm_down")}.get(type(cell), ())
         for attr in attrs:
             yield f"{name}.{attr}", getattr(cell, attr)
 
@@ -193,6 +200,8 @@ def parallelize(model: nn.Cell, cfg: TrainConfig) -> nn.Cell:
             cell.gather.shard(((1, 1) if d.vocab_dp else (d.tp, 1), (d.dp, 1)))
         elif isinstance(cell, Router):
             cell.matmul.shard(((d.tokens, 1), (1, 1)))
+        elif isinstance(cell, MoELayer):
+            _shard_dispatcher(name, cell, d)
         elif isinstance(cell, GroupedExperts):
             _shard_experts(cell, d)
     if cfg.parallel_config.pipeline_stage > 1:

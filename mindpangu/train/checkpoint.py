@@ -72,10 +72,17 @@ def load_latest(root: str) -> Optional[Tuple[str, Dict, Dict[str, np.ndarray]]]:
     return None
 
 
+# how the MoE layers compute, not what the weights are: a checkpoint loads under any of them
+IMPLEMENTATION_KEYS = ("model.moe.dispatch_backend", "model.moe.dispatch_block_size")
+
+
 def config_differences(saved: Dict, current: Dict, prefix: str = "model") -> List[str]:
-    """Keys whose values differ between two model-config dicts, as 'key: saved -> current'."""
+    """Keys whose values differ between two model-config dicts, as 'key: saved -> current' (the
+    ``IMPLEMENTATION_KEYS`` aside)."""
     out = []
     for key in sorted(set(saved) | set(current)):
+        if f"{prefix}.{key}" in IMPLEMENTATION_KEYS:
+            continue
         a, b = saved.get(key), current.get(key)
         if isinstance(a, dict) and isinstance(b, dict):
             out += config_differences(a, b, f"{prefix}.{key}")

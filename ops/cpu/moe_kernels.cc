@@ -2,7 +2,7 @@
 //
 // ABI (MindSpore 2.9/2.10 CPU aot): int Kernel(int nparam, void **params, int *ndims, int64_t **shapes,
 // const char **dtypes, void *stream, void *extra); params = inputs, then outputs; return 0 on success.
-// Every kernel matches the composite reference path in mindpangu/moe (router.py, dispatch.py) exactly in
+// Every kernel matches the composite reference path in mindpangu/moe (router.py, token_dispatcher.py) exactly in
 // layout: indices sorted by descending score (per group for MoGE, groups in order), rows stable within an expert,
 // segments padded to whole blocks. Loops are split over tokens (or rows) across threads.
 #include <algorithm>

@@ -1,0 +1,53 @@
+"""Routed experts: SwiGLU FFNs with stacked weights, run as one batched matmul over groups of dispatched rows."""
+from __future__ import annotations
+
+import numpy as np
+import mindspore as ms
+from mindspore import Parameter, Tensor, nn, ops
+from mindspore.ops.auto_generate import SiLU
+
+from ..layers import ms_dtype
+
+
+class GroupedExperts(nn.Cell):
+    """Routed SwiGLU experts with stacked weights: gate_proj/up_proj [E, I, H], down_proj [E, H, I].
+
+    The stacking is the HF per-expert ``experts.J.{gate,up,down}_proj.weight`` along a new first axis. The input
+    comes from a token dispatcher (``token_dispatcher.py``) in groups of rows that each belong to one expert
+    (Megatron's ``GroupedMLP`` / torchtitan's ``GroupedExperts``, with groups instead of ragged segments so that
+    every shape is static).
+    """
+
+    def __init__(self, num_experts: int, hidden: int, intermediate: int, compute_dtype: str = "float32"):
+        super().__init__()
+        self.num_experts, self.hidden, self.intermediate = num_experts, hidden, intermediate
+        self.gate_proj = Parameter(Tensor(np.zeros((num_experts, intermediate, hidden), np.float32)),
+                                   name="gate_proj")
+        self.up_proj = Parameter(Tensor(np.zeros((num_experts, intermediate, hidden), np.float32)), name="up_proj")
+        self.down_proj = Parameter(Tensor(np.zeros((num_experts, hidden, intermediate), np.float32)),
+                                   name="down_proj")
+        # primitives, so mindpangu.parallel can shard them (experts over EP, the expert FFN over TP)
+        self.bmm_gate, self.bmm_up, self.bmm_down = (ops.BatchMatMul(transpose_b=True) for _ in range(3))
+        self.silu, self.mul = SiLU(), ops.Mul()
+        self.cast_needed = compute_dtype != "float32"
+        self.dtype = ms_dtype(compute_dtype)
+
+    def construct(self, xs, group_expert=None):
+        """xs [G, M, H] float32, group_expert [G] int32 (the expert of each group) -> [G, M, H] float32.
+
+        ``group_expert`` None: group g is expert g (G = E, the expert-major layout), the weights are used as
+        they are, so the expert axis can be sharded.
+        """
+        if group_expert is None:
+            return self.expert_ffn(xs, self.gate_proj, self.up_proj, self.down_proj)
+        wg = ops.gather(self.gate_proj, group_expert, 0)
+        wu = ops.gather(self.up_proj, group_expert, 0)
+        wd = ops.gather(self.down_proj, group_expert, 0)
+        return self.expert_ffn(xs, wg, wu, wd)
+
+    def expert_ffn(self, xs, wg, wu, wd):
+        """SwiGLU per batch entry: xs [N, M, H] with weights [N, I, H], [N, I, H], [N, H, I] -> [N, M, H] float32."""
+        if self.cast_needed:
+            xs, wg, wu, wd = xs.astype(self.dtype), wg.astype(self.dtype), wu.astype(self.dtype), wd.astype(self.dtype)
+        h = self.mul(self.silu(self.bmm_gate(xs, wg)), self.bmm_up(xs, wu))
+        return self.bmm_down(h, wd).astype(ms.float32)

@@ -1,0 +1,193 @@
+"""Token dispatchers: routed rows in, groups of one expert's rows out, and back (dropless, static shapes).
+
+A dispatcher sits between the router and the grouped experts, as in Megatron
+(``megatron/core/transformer/moe/token_dispatcher.py``) and torchtitan (``models/common/token_dispatcher.py``)::
+
+    xs, group_expert, slot_of_row = dispatcher.dispatch(x [T, H], indices [T, K])   # xs [G, M, H]
+    ys = experts(xs, group_expert)                                                  # [G, M, H]
+    y = dispatcher.combine(ys, weights [T, K], slot_of_row)                         # [T, H]
+
+Three implementations, chosen by ``moe.dispatch_backend`` when the model is built (:func:`build_dispatcher`):
+
+- ``reference`` (:class:`BlockPaddedDispatcher`): a counting sort places each (token, slot) row in its expert's
+  segment; every segment is padded to a multiple of ``block`` rows, so the permuted buffer has the static size
+  ``(ceil(R / block) + E) * block`` for R = T * K rows, whatever the routing. Each block (group) belongs to one
+  expert. Composite MindSpore ops, any device.
+- ``cpu_kernel`` (:class:`KernelDispatcher`): the same layout from the C++ aot kernels of ``ops/cpu``.
+- ``expert_major`` (:class:`ExpertMajorDispatcher`): an [E, T, H] buffer, one group per expert, so semi-auto
+  parallel can shard the expert axis over EP and the redistribution is the dispatch (what ``parallelize``
+  needs). It holds E / K times the routed rows.
+"""
+from __future__ import annotations
+
+import math
+
+import mindspore as ms
+from mindspore import Tensor, nn, ops
+
+from .kernels import kernel_library
+
+
+def block_size(rows: int, num_experts: int) -> int:
+    """Rows per block: a power of two near half the mean rows per expert, in [8, 128]."""
+    mean = max(1, rows // max(1, num_experts))
+    return int(min(128, max(8, 2 ** int(math.log2(max(1, mean // 2))))))
+
+
+def expert_ranks(indices, num_experts: int):
+    """indices [T, K] int32 -> (expert of each routed row [R], rows per expert [E], position of each row inside
+    its expert [R]), all int32, rows in token order."""
+    flat = indices.reshape(-1)
+    onehot = ops.one_hot(flat, num_experts, Tensor(1, ms.int32), Tensor(0, ms.int32))  # [R, E]
+    counts = onehot.sum(0).astype(ms.int32)  # sums promote to int64, which Ascend's CumSum refuses
+    rank = ((ops.cumsum(onehot, 0) - 1) * onehot).sum(1).astype(ms.int32)
+    return flat, counts, rank
+
+
+def permute_plan(indices, num_experts: int, block: int):
+    """Where every routed row goes.
+
+    indices [T, K] int32 -> (slot_of_row [R] int32, row_of_slot [S] int32 with R marking padding,
+    block_expert [S / block] int32, counts [E] int32). Rows keep token order inside each expert (stable).
+    """
+    rows = indices.shape[0] * indices.shape[1]
+    flat, counts, rank = expert_ranks(indices, num_experts)
+    padded = (counts + (block - 1)) // block * block
+    pad_end = ops.cumsum(padded, 0)
+    pad_start = pad_end - padded
+    slot_of_row = ops.gather(pad_start, flat, 0) + rank
+    num_blocks = -(-rows // block) + num_experts
+    slots = num_blocks * block
+    row_ids = ops.arange(0, rows).astype(ms.int32)
+    row_of_slot = ops.scatter_nd(slot_of_row.reshape(rows, 1), row_ids - rows, (slots,)) + rows
+    block_start = (ops.arange(0, num_blocks) * block).astype(ms.int32).reshape(num_blocks, 1)
+    block_expert = (block_start >= pad_end.reshape(1, num_experts)).astype(ms.int32).sum(1)
+    block_expert = ops.minimum(block_expert, num_experts - 1)
+    return slot_of_row, row_of_slot, block_expert, counts
+
+
+def expert_major_plan(indices, num_experts: int, capacity: int, sort):
+    """Where every routed row goes in an expert-major buffer [E, capacity] (no scatter: semi-auto parallel
+    shards gathers and sorts, not ScatterNd).
+
+    indices [T, K] int32 -> (row_of_slot [E, capacity] int32 with R marking an empty slot, slot_of_row [R] int32).
+    Rows keep token order inside each expert; ``capacity = T`` never drops (a token picks an expert at most once).
+    """
+    rows = indices.shape[0] * indices.shape[1]
+    flat, counts, rank = expert_ranks(indices, num_experts)
+    slot_of_row = flat * capacity + rank
+    row_ids = ops.arange(0, rows).astype(ms.int32)
+    _, by_expert = sort(flat * rows + row_ids)  # rows grouped by expert, token order inside each
+    start = (ops.cumsum(counts, 0) - counts).reshape(num_experts, 1)
+    column = ops.arange(0, capacity).astype(ms.int32).reshape(1, capacity)
+    filled = column < counts.reshape(num_experts, 1)
+    position = ops.minimum(start + column, rows - 1)
+    row_of_slot = ops.gather(by_expert.astype(ms.int32), position, 0)
+    return ops.select(filled, row_of_slot, ops.full_like(row_of_slot, rows)), slot_of_row
+
+
+def _combine(ys, weights, slot_of_row, combine_rows=ops.gather):
+    """ys [G, M, H] (or [S, H]), weights [T, K], slot_of_row [R] -> sum_k weights[t, k] * ys[slot of (t, k)]."""
+    t, k = weights.shape
+    hidden = ys.shape[-1]
+    y_rows = combine_rows(ys.reshape(-1, hidden), slot_of_row, 0).reshape(t, k, hidden)
+    return (y_rows * weights.reshape(t, k, 1)).sum(1)
+
+
+class BlockPaddedDispatcher(nn.Cell):
+    """Composite-op dispatch into expert-segment blocks of ``block`` rows (``block`` 0: :func:`block_size` of the
+    routed rows; dynamic-shape graphs need a fixed size). Groups are blocks: xs [S / block, block, H]."""
+
+    def __init__(self, num_experts: int, block: int = 0):
+        super().__init__()
+        self.num_experts, self.block = num_experts, block
+
+    def dispatch(self, x, indices):
+        """x [T, H], indices [T, K] int32 -> (xs [B, block, H], block_expert [B] int32, slot_of_row [R] int32)."""
+        t, k = indices.shape
+        block = self.block if self.block else block_size(t * k, self.num_experts)
+        slot_of_row, row_of_slot, block_expert, _ = permute_plan(indices, self.num_experts, block)
+        x_ext = ops.concat((x, ops.zeros((1, x.shape[1]), x.dtype)), 0)
+        xs = ops.gather(x_ext, row_of_slot // k, 0)  # padding rows (== rows) map to the zero row t
+        return xs.reshape(block_expert.shape[0], block, x.shape[1]), block_expert, slot_of_row
+
+    def combine(self, ys, weights, slot_of_row):
+        """ys [B, block, H], weights [T, K] float32, slot_of_row [R] -> y [T, H]."""
+        return _combine(ys, weights, slot_of_row)
+
+
+class KernelDispatcher(nn.Cell):
+    """The block-padded layout from the C++ kernels (``MoePermute`` / ``MoeUnpermute``, CPU, with bprops)."""
+
+    def __init__(self, num_experts: int):
+        super().__init__()
+        from .kernels import make_permute, make_unpermute
+
+        self.num_experts = num_experts
+        self.permute, self.unpermute = make_permute(num_experts), make_unpermute()
+
+    def dispatch(self, x, indices):
+        """As :meth:`BlockPaddedDispatcher.dispatch`, block size :func:`block_size` of the routed rows."""
+        xs, slot_of_row, block_expert, _ = self.permute(x, indices)
+        blocks = block_expert.shape[0]
+        return xs.reshape(blocks, xs.shape[0] // blocks, x.shape[1]), block_expert, slot_of_row
+
+    def combine(self, ys, weights, slot_of_row):
+        """ys [B, block, H], weights [T, K] float32, slot_of_row [R] -> y [T, H]."""
+        return self.unpermute(ys.reshape(-1, ys.shape[-1]), slot_of_row, weights)
+
+
+class ExpertMajorDispatcher(nn.Cell):
+    """Dispatch into an expert-major buffer [E, T, H] (capacity T: never drops, a token picks an expert at most
+    once). ``sort``, ``dispatch_rows`` and ``combine_rows`` are primitives so ``parallelize`` can shard them:
+    gathers and sorts shard under semi-auto parallel, ScatterNd does not."""
+
+    def __init__(self, num_experts: int):
+        super().__init__()
+        self.num_experts = num_experts
+        self.dispatch_rows, self.combine_rows, self.sort = ops.Gather(), ops.Gather(), ops.Sort()
+
+    def dispatch(self, x, indices):
+        """x [T, H], indices [T, K] int32 -> (xs [E, T, H], None (group g is expert g), slot_of_row [R] int32)."""
+        t, k = indices.shape
+        row_of_slot, slot_of_row = expert_major_plan(indices, self.num_experts, t, self.sort)
+        x_ext = ops.concat((x, ops.zeros((1, x.shape[1]), x.dtype)), 0)
+        return self.dispatch_rows(x_ext, row_of_slot // k, 0), None, slot_of_row  # empty slots read the zero row
+
+    def combine(self, ys, weights, slot_of_row):
+        """ys [E, T, H], weights [T, K] float32, slot_of_row [R] -> y [T, H]."""
+        return _combine(ys, weights, slot_of_row, self.combine_rows)
+
+
+def resolve_backend(requested: str) -> str:
+    """The dispatch implementation to build for ``moe.dispatch_backend``: 'reference', 'cpu_kernel' or
+    'expert_major'.
+
+    auto: expert_major under a semi-auto / auto parallel context (what ``parallelize`` shards); otherwise the C++
+    kernels on CPU when they build (faster, see ``tools/bench.py ops``), else the reference path.
+    Raises ValueError for 'ascend' (not implemented) and for 'cpu_kernel' off CPU.
+    """
+    target = ms.get_context("device_target")
+    if requested in ("reference", "expert_major"):
+        return requested
+    if requested == "ascend":
+        raise ValueError("moe.dispatch_backend 'ascend' (MindSpore's fused Ascend MoE ops) is not implemented yet; "
+                         "use 'reference' (runs everywhere), 'expert_major' (semi-auto parallel) or 'auto'")
+    if requested == "cpu_kernel":
+        if target != "CPU":
+            raise ValueError(f"moe.dispatch_backend 'cpu_kernel' runs on CPU only (device_target is {target})")
+        kernel_library(required=True)
+        return "cpu_kernel"
+    if ms.get_auto_parallel_context("parallel_mode") in ("semi_auto_parallel", "auto_parallel"):
+        return "expert_major"
+    return "cpu_kernel" if target == "CPU" and kernel_library() else "reference"
+
+
+def build_dispatcher(backend: str, num_experts: int, block: int = 0):
+    """The dispatcher cell of a resolved ``backend`` (see :func:`resolve_backend`); ``block`` > 0 fixes the
+    reference layout's block size (the config allows it with 'reference' only)."""
+    if backend == "cpu_kernel":
+        return KernelDispatcher(num_experts)
+    if backend == "expert_major":
+        return ExpertMajorDispatcher(num_experts)
+    return BlockPaddedDispatcher(num_experts, block)
