@@ -216,7 +216,7 @@ def train_worker(side: str, config: str, overrides, steps: int) -> dict:
     cfg = load_config(config, list(overrides))
     rng = np.random.default_rng(cfg.seed)
     tokens = cfg.runner_config.batch_size * cfg.train_dataset.seq_length * cfg.runner_config.gradient_accumulation_steps
-    parts = {}
+    parts, engine = {}, "eager"
     if side == "peer":
         step = _peer_step(cfg)
     else:
@@ -224,6 +224,7 @@ def train_worker(side: str, config: str, overrides, steps: int) -> dict:
 
         ms.set_context(mode=ms.GRAPH_MODE)
         runner = StepRunner(build_model(cfg.model, seed=cfg.seed), cfg)
+        engine = runner.engine
         step = lambda batches: runner.run(batches, 1e-4)  # noqa: E731
         if hasattr(runner.micro, "time_parts"):
             parts = runner.micro.time_parts()
@@ -240,7 +241,7 @@ def train_worker(side: str, config: str, overrides, steps: int) -> dict:
         times.append(time.perf_counter() - start)
     step_s = statistics.median(times)
     split = {k: v / steps for k, v in parts.items()}
-    return {"side": side, "first_step_s": first, "step_s": step_s, "tokens_per_s": tokens / step_s,
+    return {"side": side, "engine": engine, "first_step_s": first, "step_s": step_s, "tokens_per_s": tokens / step_s,
             "peak_rss_mb": _peak_rss_mb(), "parts_s": split, "layers": cfg.model.num_layers}
 
 
@@ -297,12 +298,12 @@ def bench_compare(config: str = PEER_RECIPE, rounds: int = 3, steps: int = 8, de
     the ratio; returns them."""
     runs = []
     print(f"compare: {config} {' '.join(overrides)}, {rounds} rounds x {steps} steps, alternating processes")
-    print(f"{'run':<5}{'side':<11}{'first step s':>13}{'step ms':>9}{'tokens/s':>10}{'peak RSS MB':>13}")
+    print(f"{'run':<5}{'side':<11}{'engine':<13}{'first step s':>13}{'step ms':>9}{'tokens/s':>10}{'peak RSS MB':>13}")
     for r in range(rounds):
         for side in ("mindpangu", "peer"):
             out = _run_worker(side, config, overrides, steps)
             runs.append(out)
-            print(f"{r + 1:<5}{side:<11}{out['first_step_s']:>13.1f}{out['step_s'] * 1e3:>9.0f}"
+            print(f"{r + 1:<5}{side:<11}{out['engine']:<13}{out['first_step_s']:>13.1f}{out['step_s'] * 1e3:>9.0f}"
                   f"{out['tokens_per_s']:>10,.0f}{out['peak_rss_mb']:>13,.0f}", flush=True)
     med = {side: statistics.median(x["tokens_per_s"] for x in runs if x["side"] == side)
            for side in ("mindpangu", "peer")}
@@ -317,10 +318,11 @@ def bench_compare(config: str = PEER_RECIPE, rounds: int = 3, steps: int = 8, de
             f"{k} {v * 1e3:.0f} ms ({100 * v / total:.0f}%)" for k, v in parts.items()))
     sweep = []
     if depths:
-        print(f"depth sweep: {depth_config}, mindpangu engine, {steps} steps each")
+        print(f"depth sweep: {depth_config}, layer-wise engine, {steps} steps each")
         print(f"{'layers':<8}{'first step s':>13}{'step ms':>9}{'peak RSS MB':>13}")
         for depth in depths:
-            out = _run_worker("mindpangu", depth_config, [f"model.num_layers={depth}"], steps)
+            out = _run_worker("mindpangu", depth_config, [f"model.num_layers={depth}", "runner_config.engine=layerwise"],
+                              steps)
             sweep.append(out)
             print(f"{depth:<8}{out['first_step_s']:>13.1f}{out['step_s'] * 1e3:>9.0f}{out['peak_rss_mb']:>13,.0f}",
                   flush=True)

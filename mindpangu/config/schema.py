@@ -252,12 +252,13 @@ class RunnerConfig(Section):
     loss_scale_window: int = option(1000, "Good steps before the float16 loss scale doubles.", ge=1)
     sink_mode: bool = option(False, "Dataset sink mode (Ascend).")
     sink_size: int = option(1, "Steps per sink.", ge=1)
-    engine: str = option("layerwise", "How a training step is compiled. layerwise: one graph per decoder-layer "
-                                      "kind (dense, MoE) run for every layer of that kind, with per-layer "
-                                      "recompute: compile time and activation memory flat in depth "
-                                      "(mindpangu/train/layerwise.py). whole_graph: the whole model in one "
-                                      "graph, no recompute: compile time grows with every layer.",
-                         choices=("layerwise", "whole_graph"))
+    engine: str = option("auto", "How a training step is compiled. layerwise: one graph per decoder-layer "
+                                 "kind (dense, MoE) run for every layer of that kind, with per-layer recompute: "
+                                 "compile time and activation memory flat in depth (mindpangu/train/layerwise.py). "
+                                 "whole_graph: the whole model in one graph, no recompute: faster steps, but "
+                                 "compile time and memory grow with every layer. auto: whole_graph up to 8 "
+                                 "decoder layers, layerwise beyond.",
+                         choices=("auto", "layerwise", "whole_graph"))
 
 
 @dataclass

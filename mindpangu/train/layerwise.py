@@ -216,7 +216,31 @@ class _Kind:
                                              for layer in members])
 
 
-class LayerwiseMicroStep:
+class PartTimer:
+    """Opt-in wall time per part of a micro-step (tools/bench.py compare); ``timings`` is None until
+    ``time_parts`` is called."""
+
+    timings: Optional[Dict[str, float]] = None
+
+    def time_parts(self) -> Dict[str, float]:
+        """Start charging wall time per part (summed over calls) into the returned dict. Off by default: it waits
+        for each part's outputs."""
+        self.timings = {}
+        return self.timings
+
+    def _tick(self, part: str, start: float, out) -> float:
+        """Charge the time since ``start`` to ``part`` once ``out`` exists; returns the new start."""
+        if self.timings is None:
+            return start
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(t, Tensor):
+                t.asnumpy()
+        now = time.perf_counter()
+        self.timings[part] = self.timings.get(part, 0.0) + now - start
+        return now
+
+
+class LayerwiseMicroStep(PartTimer):
     """Forward + backward of one micro-batch layer by layer (see the module docstring); gradients are added into
     ``self.accum`` (aligned with ``params``). Also gives the routing statistics for global_batch pooling and the
     held-out loss, with the same compiled layers."""
@@ -251,24 +275,6 @@ class LayerwiseMicroStep:
         self.one = Tensor(1.0, ms.float32)
         # the rows passed when nothing is pooled (routing statistics, eval)
         self.unpooled = self._rows(np.zeros((self.num_main_moe + self.num_mtp_moe, self.num_experts), np.float32))
-        self.timings: Optional[Dict[str, float]] = None  # seconds per part once ``time_parts`` is called
-
-    def time_parts(self) -> Dict[str, float]:
-        """Start charging wall time per part (summed over calls) into the returned dict (tools/bench.py compare).
-        Off by default: it waits for each part's outputs."""
-        self.timings = {}
-        return self.timings
-
-    def _tick(self, part: str, start: float, out) -> float:
-        """Charge the time since ``start`` to ``part`` once ``out`` exists; returns the new start."""
-        if self.timings is None:
-            return start
-        for t in out if isinstance(out, (tuple, list)) else (out,):
-            if isinstance(t, Tensor):
-                t.asnumpy()
-        now = time.perf_counter()
-        self.timings[part] = self.timings.get(part, 0.0) + now - start
-        return now
 
     def _rows(self, pooled: np.ndarray):
         main = [Tensor(pooled[i]) for i in range(self.num_main_moe)]

@@ -12,7 +12,7 @@ from mindspore import Parameter, ParameterTuple, Tensor, nn, ops
 
 from ..config.schema import TrainConfig
 from .losses import RouteLosses, cross_entropy
-from .layerwise import Binding, LayerwiseMicroStep, relative_params
+from .layerwise import Binding, LayerwiseMicroStep, PartTimer, relative_params
 from .optim import AdamW, fused_adamw, fused_hyperparameters
 
 
@@ -127,7 +127,10 @@ def _unscale_tensor(factor, acc):
 
 @_square_sum.register("Tensor")
 def _square_sum_tensor(acc):
-    return (acc * acc).sum()
+    # rows first, then the total: MindSpore's CPU ReduceSum over every axis of a large tensor runs about 4x slower
+    # than the same sum over the last axis and then the rest (13 vs 3.4 ms for 2M floats, tools/bench.py compare)
+    sq = ops.square(acc)
+    return sq.sum(-1).sum() if acc.ndim > 1 else sq.sum()
 
 
 @_zero.register("Tensor")
@@ -271,7 +274,7 @@ class UpdateStep:
         return norm, finite
 
 
-class GraphMicroStep:
+class GraphMicroStep(PartTimer):
     """The whole-graph engine: ``LossNet`` forward + backward compiled as one graph (``MicroStep``), with the same
     interface as ``layerwise.LayerwiseMicroStep``."""
 
@@ -282,8 +285,10 @@ class GraphMicroStep:
         self.eval_net = EvalLoss(model)
 
     def __call__(self, tokens: np.ndarray, pooled: np.ndarray, pooled_tokens: float, scale: float):
+        start = time.perf_counter()
         loss, (lm, mtp, bal, zl, c) = self.micro(ms.Tensor(tokens, ms.int32), ms.Tensor(pooled),
                                                   ms.Tensor(pooled_tokens, ms.float32), ms.Tensor(scale, ms.float32))
+        self._tick("forward + backward (one graph)", start, loss)
         return (float(loss.asnumpy()), float(lm.asnumpy()), float(mtp.asnumpy()), float(bal.asnumpy()),
                 float(zl.asnumpy()), c.asnumpy())
 
@@ -305,6 +310,20 @@ class EvalLoss(nn.Cell):
         return cross_entropy(self.model(tokens[:, :-1]), tokens[:, 1:])
 
 
+# up to this depth the whole-graph step compiles in well under a minute and, without the recompute, runs 20-25 %
+# faster than the layer-wise one (tiny Ultra MoE at 4 and 8 layers, tools/bench.py compare; README Benchmarks)
+WHOLE_GRAPH_MAX_LAYERS = 8
+
+
+def resolve_engine(cfg: TrainConfig) -> str:
+    """``runner_config.engine`` with 'auto' resolved: 'whole_graph' up to ``WHOLE_GRAPH_MAX_LAYERS`` decoder layers,
+    else 'layerwise'."""
+    engine = cfg.runner_config.engine
+    if engine == "auto":
+        return "whole_graph" if cfg.model.num_layers <= WHOLE_GRAPH_MAX_LAYERS else "layerwise"
+    return engine
+
+
 def layer_groups(model, params) -> List[List[int]]:
     """Indices into ``params``: one group per decoder layer (same order and shapes within a layer kind), then one
     group of everything else (embedding, final norm, LM head, MTP)."""
@@ -318,7 +337,7 @@ def layer_groups(model, params) -> List[List[int]]:
 class StepRunner:
     """One optimizer step over a list of micro-batches: routing statistics (global_batch), micro-steps, update.
 
-    Holds the model's optimizer and compiled cells (engine ``runner_config.engine``); the trainer and the
+    Holds the model's optimizer and compiled cells (``engine``: ``runner_config.engine`` resolved); the trainer and the
     benchmark both drive it.
     """
 
@@ -329,15 +348,19 @@ class StepRunner:
         m, o = cfg.model, cfg.optimizer
         params = [p for p in model.get_parameters() if p.requires_grad]
         self.optimizer = AdamW(params, o.betas, o.eps, o.weight_decay)
-        if cfg.runner_config.engine == "layerwise":
+        self.engine = resolve_engine(cfg)
+        if self.engine == "layerwise":
             self.micro = LayerwiseMicroStep(model, cfg, params)
         else:
             self.micro = GraphMicroStep(model, cfg, params)
         layers = moe_layers(model)
         self.num_routes = max(1, len(layers))
         biases = [layer.gate.e_score_correction_bias for layer in layers if layer.gate.use_bias]
+        # layer-wise: an update graph per layer kind, bound per layer (compile flat in depth); whole graph: one
+        # update graph for all parameters (fewer graph launches)
+        groups = layer_groups(model, params) if self.engine == "layerwise" else None
         self.update = UpdateStep(self.micro.accum, self.optimizer, o.grad_clip, biases,
-                                 m.moe.balance_loss.expert_bias.update_rate, world, layer_groups(model, params))
+                                 m.moe.balance_loss.expert_bias.update_rate, world, groups)
         if world > 1:
             from ..parallel.distributed import CrossRankSum
 

@@ -214,7 +214,7 @@ class Trainer:
         resumed = self.resume and self.restore()
         writer = MetricsWriter(cfg.output_dir, log.tensorboard) if self.is_main else _Silent()
         peak, peak_source = peak_flops(log.peak_tflops)
-        self._say(f"MFU peak {peak / 1e9:,.0f} GFLOP/s ({peak_source})")
+        self._say(f"engine {self.runner.engine}; MFU peak {peak / 1e9:,.0f} GFLOP/s ({peak_source})")
         flops_per_token = training_flops_per_token(cfg.model, cfg.train_dataset.seq_length)
         stream = self.data.batches(r.batch_size, self.position, cfg.seed, cfg.train_dataset.shuffle, self.rank,
                                    self.world)
