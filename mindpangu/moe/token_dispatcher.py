@@ -25,7 +25,7 @@ import math
 import mindspore as ms
 from mindspore import Tensor, nn, ops
 
-from .kernels import kernel_library
+from .kernels import kernel_library, make_permute, make_unpermute
 
 
 def block_size(rows: int, num_experts: int) -> int:
@@ -121,8 +121,6 @@ class KernelDispatcher(nn.Cell):
 
     def __init__(self, num_experts: int):
         super().__init__()
-        from .kernels import make_permute, make_unpermute
-
         self.num_experts = num_experts
         self.permute, self.unpermute = make_permute(num_experts), make_unpermute()
 

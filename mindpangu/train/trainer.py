@@ -108,6 +108,8 @@ class Trainer:
                               value=cfg.runner_config.batch_size, allowed=f"a multiple of {ep}")
         ms.set_context(mode=ms.GRAPH_MODE if cfg.context.graph_mode else ms.PYNATIVE_MODE,
                        device_target=cfg.context.device_target)
+        if cfg.context.jit_level:
+            ms.set_context(jit_config={"jit_level": cfg.context.jit_level})
         ms.set_seed(cfg.seed)
         self.rank, self.world = init_data_parallel()
         if self.world > 1:
