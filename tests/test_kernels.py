@@ -5,6 +5,7 @@ import mindspore as ms
 
 import mindpangu as mp
 from mindpangu.config import BalanceLossConfig, ExpertBiasConfig, MoEConfig
+from mindpangu.layers import RMSNorm
 from mindpangu.moe import MoELayer, Router, kernel_library
 from mindpangu.train.step import StepRunner
 from conftest import ULTRA_TINY, ROOT
@@ -94,11 +95,13 @@ def test_permute_unpermute_kernels_match_reference(rng, t, e, k, starve):
 
 @pytest.mark.parametrize("recipe", [ULTRA_TINY, PRO_TINY], ids=["ultra", "pro"])
 def test_training_losses_match_reference(rng, recipe):
-    """Five optimizer steps of the tiny model (2 layers) on one batch give the same losses with either backend."""
+    """Five optimizer steps of the tiny model (2 layers) on one batch give the same losses with the composite ops
+    and with the C++ kernels (gating, dispatch and RMSNorm)."""
     losses = {}
     batches = [rng.integers(0, 1024, (4, 33)).astype(np.int32)] * 5
     for backend in ("reference", "cpu_kernel"):
-        cfg = mp.load_config(recipe, overrides=["model.num_layers=2", f"model.moe.dispatch_backend={backend}"])
+        cfg = mp.load_config(recipe, overrides=["model.num_layers=2", f"model.moe.dispatch_backend={backend}",
+                                                f"model.norm_backend={backend}"])
         model = mp.build_model(cfg.model, seed=3)
         runner = StepRunner(model, cfg)
         losses[backend] = [runner.run([b], 1e-3)["loss"] for b in batches]
@@ -127,3 +130,28 @@ def test_ops_of_different_configs_on_the_same_shapes_do_not_share_a_kernel(rng):
     for e in (4, 8):
         _, _, block_expert, counts = make_permute(e)(x, idx)
         assert counts.shape == (e,) and counts.asnumpy()[0] == 12
+
+
+@pytest.mark.parametrize("shape", [(37, 16), (2, 9, 64), (3, 1, 5, 128)])
+def test_rms_norm_kernel_matches_reference(rng, shape):
+    """The C++ RMSNorm against a float64 NumPy RMSNorm (forward) and the composite cell (gradients of x and the
+    weight under a random probe)."""
+    h = shape[-1]
+    ref, ker = RMSNorm(h, 1e-5, "reference"), RMSNorm(h, 1e-5, "cpu_kernel")
+    assert ker.use_kernel and not ref.use_kernel
+    weight = rng.normal(1.0, 0.3, h).astype(np.float32)
+    for cell in (ref, ker):
+        cell.weight.set_data(ms.Tensor(weight))
+    x = rng.normal(0.0, 2.0, shape).astype(np.float32)
+    x64 = x.astype(np.float64)
+    expected = x64 / np.sqrt((x64 ** 2).mean(-1, keepdims=True) + 1e-5) * weight
+    np.testing.assert_allclose(ker(ms.Tensor(x)).asnumpy(), expected, rtol=1e-5, atol=1e-6)
+    probe = ms.Tensor(rng.normal(size=shape).astype(np.float32))
+
+    def grads(cell):
+        f = lambda xx: (cell(xx) * probe).sum()  # noqa: E731
+        return ms.grad(f, grad_position=0, weights=cell.trainable_params())(ms.Tensor(x))
+
+    (gx_ref, (gw_ref,)), (gx_ker, (gw_ker,)) = grads(ref), grads(ker)
+    np.testing.assert_allclose(gx_ker.asnumpy(), gx_ref.asnumpy(), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(gw_ker.asnumpy(), gw_ref.asnumpy(), rtol=1e-4, atol=1e-4)

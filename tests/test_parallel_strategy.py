@@ -20,12 +20,12 @@ LAYOUTS = {
     "dp2_tp4_ep2_vocab_tp": ["parallel_config.data_parallel=2", "parallel_config.model_parallel=4",
                              "parallel_config.expert_parallel=2", "parallel_config.vocab_emb_dp=false"],
 }
-SMALL = ["model.num_layers=2", "runner_config.batch_size=2", "train_dataset.seq_length=16",
-         "model.moe.dispatch_backend=expert_major"]
+SMALL = ["model.num_layers=2", "runner_config.batch_size=2", "train_dataset.seq_length=16"]
+PARALLEL = ["model.moe.dispatch_backend=expert_major", "model.norm_backend=reference"]  # what parallelize shards
 
 
 def _config(model, layout):
-    return mp.load_config(TINY[model], overrides=SMALL + LAYOUTS[layout])
+    return mp.load_config(TINY[model], overrides=SMALL + PARALLEL + LAYOUTS[layout])
 
 
 class _Recorder:
@@ -78,9 +78,13 @@ def test_strategy_check_catches_bad_strategies():
 
 
 def test_parallelize_refuses_a_dispatcher_it_cannot_shard():
-    cfg = mp.load_config(TINY["ultra"], overrides=SMALL[:-1] + LAYOUTS["dp4_tp2_ep4_sp"] +
-                         ["model.moe.dispatch_backend=reference"])
+    cfg = mp.load_config(TINY["ultra"], overrides=SMALL + LAYOUTS["dp4_tp2_ep4_sp"] +
+                         ["model.moe.dispatch_backend=reference", "model.norm_backend=reference"])
     with pytest.raises(ValueError, match="model.layers.1.mlp was built with the 'reference' token dispatcher"):
+        parallelize(mp.build_model(cfg.model, seed=3), cfg)
+    cfg = mp.load_config(TINY["ultra"], overrides=SMALL + LAYOUTS["dp4_tp2_ep4_sp"] +
+                         ["model.moe.dispatch_backend=expert_major", "model.norm_backend=cpu_kernel"])
+    with pytest.raises(ValueError, match="was built with the C\\+\\+ RMSNorm kernel"):
         parallelize(mp.build_model(cfg.model, seed=3), cfg)
 
 
@@ -121,7 +125,7 @@ def test_pipeline_ranks_hold_their_stage_only():
 
 def test_parallelize_keeps_single_device_numerics():
     cfg = _config("ultra", "dp4_tp2_ep4_sp")
-    plain = mp.build_model(mp.load_config(TINY["ultra"], overrides=SMALL[:-1]).model, seed=3)  # block dispatch
+    plain = mp.build_model(mp.load_config(TINY["ultra"], overrides=SMALL).model, seed=3)  # default backends
     annotated = parallelize(mp.build_model(cfg.model, seed=3), cfg)  # same seed: same weights
     ms.set_context(mode=ms.PYNATIVE_MODE)
     ids = ms.Tensor(np.random.default_rng(1).integers(0, 1024, (2, 16)).astype(np.int32))

@@ -152,6 +152,11 @@ class ModelConfig(Section):
                                          "rotates halves (Llama rotate_half).")
     max_position_embeddings: int = option(4096, "Longest sequence the RoPE table covers.", ge=1,
                                           aliases=("max_seq_len",))
+    norm_backend: str = option("auto", "RMSNorm implementation. reference: composite MindSpore ops (any device; "
+                                       "what parallel layouts shard). cpu_kernel: one C++ aot kernel each way "
+                                       "(ops/cpu/norm_kernels.cc, CPU). auto: cpu_kernel on CPU when it builds "
+                                       "and no semi-auto parallel context is set, else reference.",
+                               choices=("auto", "reference", "cpu_kernel"))
     norm_layout: str = option("dssn", "pre_ln: 2 RMSNorms per layer. sandwich: 4 (input, post-attention output, "
                                       "pre-MLP, post-MLP output). dssn: sandwich with the post-norm gamma "
                                       "initialised to c/sqrt(L).", choices=("pre_ln", "sandwich", "dssn"))

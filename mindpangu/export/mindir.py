@@ -2,7 +2,7 @@
 graphs with a manifest (``export_for_serving``), choosing the MoE backend by the shapes asked.
 
 aot custom ops survive MindIR only with static shapes, and the file stores the kernel library's absolute path
-(``$MINDPANGU_CACHE/kernels/<hash>/libmindpangu_moe.so``): the library must be at that path when the file is
+(``$MINDPANGU_CACHE/kernels/<hash>/libmindpangu_kernels.so``): the library must be at that path when the file is
 loaded. So a static-shape export keeps the C++ kernels, and a dynamic-shape request uses the composite reference
 path with a fixed dispatch block size (the layout otherwise depends on the token count), which needs no library.
 """
@@ -19,19 +19,23 @@ import mindspore as ms
 from mindspore import nn
 
 from ..fsutil import replace_dir, staging_dir
-from ..moe import kernel_library, resolve_backend
+from ..kernels import kernel_library
+from ..moe import resolve_backend
 
 DYNAMIC_BLOCK = 8  # dispatch rows per expert block in dynamic-shape graphs: the least padding for decode batches
 
 
 def with_backend(model, backend: str, fixed_block: int = 0):
     """The same model (same weights) rebuilt with ``moe.dispatch_backend = backend`` and
-    ``moe.dispatch_block_size = fixed_block`` (> 0: a fixed dispatch block size, which dynamic shapes need)."""
+    ``moe.dispatch_block_size = fixed_block`` (> 0: a fixed dispatch block size, which dynamic shapes need);
+    backend 'reference' also sets ``norm_backend`` to 'reference', so the graph holds no C++ kernel."""
     from ..convert.hf import assign
     from ..models import build_model
 
     cfg = copy.deepcopy(model.config)
     cfg.moe.dispatch_backend, cfg.moe.dispatch_block_size = backend, fixed_block
+    if backend == "reference":
+        cfg.norm_backend = "reference"
     twin = build_model(cfg, init=False)
     assign(twin, {p.name: p.asnumpy() for p in model.get_parameters()}, "the exported model")
     return twin
@@ -40,7 +44,8 @@ def with_backend(model, backend: str, fixed_block: int = 0):
 def export_mindir(model, path: str, batch: Optional[int] = None, seq: Optional[int] = None) -> Dict:
     """Export ``model(input_ids [batch, seq]) -> logits`` to ``path`` (.mindir); None means a dynamic axis.
 
-    Static shapes keep the model's backend (C++ kernels on CPU); a dynamic axis switches to the reference path.
+    Static shapes keep the model's backends (C++ kernels on CPU, whose library path the result names); a dynamic
+    axis switches to the reference path.
     """
     dynamic = batch is None or seq is None
     backend = resolve_backend(model.config.moe.dispatch_backend)
@@ -52,8 +57,9 @@ def export_mindir(model, path: str, batch: Optional[int] = None, seq: Optional[i
     base = path[: -len(".mindir")] if path.endswith(".mindir") else path
     os.makedirs(os.path.dirname(os.path.abspath(base)), exist_ok=True)
     _export(model, [example], base)
+    uses_kernels = any(getattr(cell, "use_kernel", False) for _, cell in model.cells_and_names())
     return {"path": base + ".mindir", "dispatch_backend": backend, "input_shape": [batch, seq],
-            "kernel_library": kernel_library() if backend == "cpu_kernel" else None}
+            "kernel_library": kernel_library() if uses_kernels else None}
 
 
 def _export(cell, inputs, base: str) -> None:

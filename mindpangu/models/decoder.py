@@ -20,11 +20,11 @@ class DecoderLayer(nn.Cell):
         h, eps = cfg.hidden_size, cfg.rms_norm_eps
         self.sandwich = cfg.norm_layout in ("sandwich", "dssn")
         self.self_attn = attention(cfg)
-        self.input_layernorm = RMSNorm(h, eps)
-        self.post_attention_layernorm = RMSNorm(h, eps)
+        self.input_layernorm = RMSNorm(h, eps, cfg.norm_backend)
+        self.post_attention_layernorm = RMSNorm(h, eps, cfg.norm_backend)
         if self.sandwich:
-            self.pre_mlp_layernorm = RMSNorm(h, eps)
-            self.post_mlp_layernorm = RMSNorm(h, eps)
+            self.pre_mlp_layernorm = RMSNorm(h, eps, cfg.norm_backend)
+            self.post_mlp_layernorm = RMSNorm(h, eps, cfg.norm_backend)
         self.is_moe = layer_index >= cfg.first_k_dense_replace
         if self.is_moe:
             self.mlp = MoELayer(h, cfg.moe, cfg.compute_dtype, shared_name)
@@ -68,7 +68,7 @@ class MTPHead(nn.Cell):
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.norm_backend)
 
     def construct(self, h):
         return self.norm(h)
@@ -84,8 +84,8 @@ class MTPLayer(DecoderLayer):
     def __init__(self, cfg: ModelConfig, attention: type, shared_name: str):
         super().__init__(cfg, cfg.num_layers, attention, shared_name)
         h = cfg.hidden_size
-        self.enorm = RMSNorm(h, cfg.rms_norm_eps)
-        self.hnorm = RMSNorm(h, cfg.rms_norm_eps)
+        self.enorm = RMSNorm(h, cfg.rms_norm_eps, cfg.norm_backend)
+        self.hnorm = RMSNorm(h, cfg.rms_norm_eps, cfg.norm_backend)
         self.eh_proj = Linear(2 * h, h, False, cfg.compute_dtype)
         self.shared_head = MTPHead(cfg)
 
@@ -103,7 +103,7 @@ class DecoderModel(nn.Cell):
         super().__init__()
         self.embed_tokens = Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.CellList([DecoderLayer(cfg, i, attention, shared_name) for i in range(cfg.num_layers)])
-        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.norm_backend)
         self.num_mtp = cfg.num_mtp_layers
         if self.num_mtp:
             self.mtp_layers = nn.CellList([MTPLayer(cfg, attention, shared_name) for _ in range(cfg.num_mtp_layers)])

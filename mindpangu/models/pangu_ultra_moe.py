@@ -27,12 +27,12 @@ class MLAttention(nn.Cell):
         self.use_q_lora = cfg.q_lora_rank is not None
         if self.use_q_lora:
             self.q_a_proj = Linear(h, cfg.q_lora_rank, cfg.attention_bias, dt)
-            self.q_a_layernorm = RMSNorm(cfg.q_lora_rank, cfg.rms_norm_eps)
+            self.q_a_layernorm = RMSNorm(cfg.q_lora_rank, cfg.rms_norm_eps, cfg.norm_backend)
             self.q_b_proj = Linear(cfg.q_lora_rank, q_dim, False, dt)
         else:
             self.q_proj = Linear(h, q_dim, False, dt)
         self.kv_a_proj_with_mqa = Linear(h, cfg.kv_lora_rank + self.rope_dim, cfg.attention_bias, dt)
-        self.kv_a_layernorm = RMSNorm(cfg.kv_lora_rank, cfg.rms_norm_eps)
+        self.kv_a_layernorm = RMSNorm(cfg.kv_lora_rank, cfg.rms_norm_eps, cfg.norm_backend)
         self.kv_b_proj = Linear(cfg.kv_lora_rank, n * (self.nope + self.v_dim), False, dt)
         self.o_proj = Linear(n * self.v_dim, h, cfg.attention_bias, dt)
         self.rotary = Rotary(self.rope_dim, cfg.max_position_embeddings, cfg.rope_theta, cfg.rope_interleave)

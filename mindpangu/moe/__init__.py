@@ -1,6 +1,6 @@
 """Mixture-of-experts pieces: routers (top-k, MoGE), token dispatchers, grouped experts, the MoE layer."""
 from .experts import GroupedExperts
-from .kernels import kernel_library
+from ..kernels import kernel_library
 from .layer import MoELayer
 from .router import Router, expert_counts
 from .token_dispatcher import (BlockPaddedDispatcher, ExpertMajorDispatcher, KernelDispatcher, block_size,

@@ -1,79 +1,12 @@
-"""C++ MoE kernels (``ops/cpu/moe_kernels.cc``) as ``mindspore.ops.Custom(func_type="aot")`` ops, with bprops.
-
-The shared library is built on first use with g++ into ``$MINDPANGU_CACHE/kernels/<source hash>/`` (default
-``~/.cache/mindpangu``); MindSpore loads aot kernels only from ``MS_CUSTOM_AOT_WHITE_LIST``, which is set to that
-cache unless the user set it. Without a compiler (or the source), :func:`kernel_library` returns None with a
-warning and the models use the reference path.
-"""
+"""The MoE gating and dispatch C++ kernels (``ops/cpu/moe_kernels.cc``) as aot ops with bprops (the library
+build and the op wrapper are in ``mindpangu/kernels.py``)."""
 from __future__ import annotations
-
-import hashlib
-import os
-import shutil
-import subprocess
-import warnings
-from typing import Optional
 
 import numpy as np
 import mindspore as ms
 from mindspore import Tensor, ops
 
-from ..fsutil import cache_root
-
-SOURCE = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "ops", "cpu",
-                      "moe_kernels.cc")
-FLAGS = ["-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-pthread", "-D_GLIBCXX_USE_CXX11_ABI=0"]
-_LIBRARY: dict = {}
-
-
-def build_library(source: str = SOURCE, compiler: str = "g++") -> str:
-    """Compile ``source`` into the kernel cache (once per source hash and flags) and return the .so path."""
-    with open(source, "rb") as fh:
-        digest = hashlib.sha256(fh.read() + " ".join(FLAGS).encode()).hexdigest()[:16]
-    out_dir = os.path.join(cache_root(), "kernels", digest)
-    lib = os.path.join(out_dir, "libmindpangu_moe.so")
-    if not os.path.isfile(lib):
-        os.makedirs(out_dir, exist_ok=True)
-        tmp = f"{lib}.tmp{os.getpid()}"
-        proc = subprocess.run([compiler, *FLAGS, source, "-o", tmp], capture_output=True, text=True)
-        if proc.returncode:
-            raise RuntimeError(f"building {source} failed:\n{proc.stderr[-2000:]}")
-        os.replace(tmp, lib)
-    return lib
-
-
-def kernel_library(required: bool = False) -> Optional[str]:
-    """The kernel .so (built if needed), or None with a warning when it cannot be built and is not required."""
-    if "path" in _LIBRARY:
-        return _LIBRARY["path"]
-    try:
-        if not os.path.isfile(SOURCE):
-            raise RuntimeError(f"kernel source {SOURCE} is not installed")
-        if shutil.which("g++") is None:
-            raise RuntimeError("no C++ compiler (g++) on PATH")
-        path = build_library()
-        root = os.path.realpath(os.path.join(cache_root(), "kernels"))
-        allowed = os.environ.setdefault("MS_CUSTOM_AOT_WHITE_LIST", root)
-        if not os.path.realpath(path).startswith(os.path.realpath(allowed)):
-            raise RuntimeError(f"MS_CUSTOM_AOT_WHITE_LIST={allowed} does not include the kernel cache {root}")
-    except RuntimeError as e:
-        if required:
-            raise
-        warnings.warn(f"MoE CPU kernels unavailable, using the reference path: {e}")
-        path = None
-    _LIBRARY["path"] = path
-    return path
-
-
-def _custom(name: str, out_shape, out_dtype, bprop=None, **attrs):
-    """An aot op. ``attrs`` must name everything besides the input shapes that ``out_shape`` depends on: PyNative
-    caches a launched kernel by op name, input shapes and attributes, and would reuse a kernel built for another
-    output shape (e.g. another top-k) otherwise."""
-    op = ops.Custom(f"{kernel_library(required=True)}:{name}", out_shape=out_shape, out_dtype=out_dtype,
-                    func_type="aot", bprop=bprop)
-    for key, value in attrs.items():
-        op.add_prim_attr(key, value)
-    return op
+from ..kernels import custom_op as _custom
 
 
 def gating_config(moge: bool, sigmoid: bool, normalise: bool, scale: float, groups: int) -> Tensor:

@@ -25,7 +25,8 @@ import math
 import mindspore as ms
 from mindspore import Tensor, nn, ops
 
-from .kernels import kernel_library, make_permute, make_unpermute
+from ..kernels import resolve_kernels
+from .kernels import make_permute, make_unpermute
 
 
 def block_size(rows: int, num_experts: int) -> int:
@@ -165,20 +166,15 @@ def resolve_backend(requested: str) -> str:
     kernels on CPU when they build (faster, see ``tools/bench.py ops``), else the reference path.
     Raises ValueError for 'ascend' (not implemented) and for 'cpu_kernel' off CPU.
     """
-    target = ms.get_context("device_target")
-    if requested in ("reference", "expert_major"):
+    if requested == "expert_major":
         return requested
     if requested == "ascend":
         raise ValueError("moe.dispatch_backend 'ascend' (MindSpore's fused Ascend MoE ops) is not implemented yet; "
                          "use 'reference' (runs everywhere), 'expert_major' (semi-auto parallel) or 'auto'")
-    if requested == "cpu_kernel":
-        if target != "CPU":
-            raise ValueError(f"moe.dispatch_backend 'cpu_kernel' runs on CPU only (device_target is {target})")
-        kernel_library(required=True)
-        return "cpu_kernel"
-    if ms.get_auto_parallel_context("parallel_mode") in ("semi_auto_parallel", "auto_parallel"):
+    if requested == "auto" and ms.get_auto_parallel_context("parallel_mode") in ("semi_auto_parallel",
+                                                                                 "auto_parallel"):
         return "expert_major"
-    return "cpu_kernel" if target == "CPU" and kernel_library() else "reference"
+    return resolve_kernels(requested, "moe.dispatch_backend")
 
 
 def build_dispatcher(backend: str, num_experts: int, block: int = 0):

@@ -143,7 +143,11 @@ def _shard_linear(name: str, cell: Linear, d: Degrees):
         cell.add_bias.shard(((d.dp, 1), (1,)))
 
 
-def _shard_norm(cell: RMSNorm, d: Degrees):
+def _shard_norm(name: str, cell: RMSNorm, d: Degrees):
+    if cell.use_kernel:
+        raise ValueError(f"parallelize: {name} was built with the C++ RMSNorm kernel; parallel layouts shard the "
+                         "composite ops: set model.norm_backend to 'reference' (or 'auto' under a semi-auto parallel "
+                         "context)")
     s = (d.dp, d.tp if d.seq_parallel else 1, 1)  # norms see [B, S, hidden]
     cell.square.shard((s,))
     cell.mean.shard((s,))
@@ -192,7 +196,7 @@ def parallelize(model: nn.Cell, cfg: TrainConfig) -> nn.Cell:
         if isinstance(cell, Linear):
             _shard_linear(name, cell, d)
         elif isinstance(cell, RMSNorm):
-            _shard_norm(cell, d)
+            _shard_norm(name, cell, d)
         elif isinstance(cell, SwiGLU):
             cell.silu.shard(((d.dp, 1, d.tp),))  # [B, S, intermediate]
             cell.mul.shard(((d.dp, 1, d.tp), (d.dp, 1, d.tp)))

@@ -127,10 +127,11 @@ def _unscale_tensor(factor, acc):
 
 @_square_sum.register("Tensor")
 def _square_sum_tensor(acc):
-    # rows first, then the total: MindSpore's CPU ReduceSum over every axis of a large tensor runs about 4x slower
-    # than the same sum over the last axis and then the rest (13 vs 3.4 ms for 2M floats, tools/bench.py compare)
+    # large tensors: rows first, then the total. MindSpore's CPU ReduceSum over every axis of a large tensor runs
+    # about 4x slower than the same sum over the last axis and then the rest (13 vs 3.4 ms for 2M floats); small
+    # ones: one op (the step of a tiny model is mostly per-op overhead)
     sq = ops.square(acc)
-    return sq.sum(-1).sum() if acc.ndim > 1 else sq.sum()
+    return sq.sum(-1).sum() if acc.ndim > 1 and acc.size >= 65536 else sq.sum()
 
 
 @_zero.register("Tensor")

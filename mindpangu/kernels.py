@@ -1,0 +1,116 @@
+"""C++ CPU kernels (``ops/cpu/*.cc``) as ``mindspore.ops.Custom(func_type="aot")`` ops, with bprops: the build,
+the op wrapper, the choice between them and the composite reference ops, and the RMSNorm op (the MoE ops are in
+``moe/kernels.py``).
+
+The shared library is built on first use with g++ into ``$MINDPANGU_CACHE/kernels/<source hash>/`` (default
+``~/.cache/mindpangu``); MindSpore loads aot kernels only from ``MS_CUSTOM_AOT_WHITE_LIST``, which is set to that
+cache unless the user set it. Without a compiler (or the sources), :func:`kernel_library` returns None with a
+warning and the models use the reference path.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import subprocess
+import warnings
+from typing import Optional, Sequence
+
+import numpy as np
+import mindspore as ms
+from mindspore import Tensor, ops
+
+from .fsutil import cache_root
+
+_OPS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "ops", "cpu")
+SOURCES = (os.path.join(_OPS, "moe_kernels.cc"), os.path.join(_OPS, "norm_kernels.cc"))
+FLAGS = ["-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-pthread", "-D_GLIBCXX_USE_CXX11_ABI=0"]
+_LIBRARY: dict = {}
+
+
+def build_library(sources: Sequence[str] = SOURCES, compiler: str = "g++") -> str:
+    """Compile ``sources`` into one library in the kernel cache (once per source hash and flags); -> the .so path.
+    Raises RuntimeError with the compiler's message when the build fails."""
+    digest = hashlib.sha256(" ".join(FLAGS).encode())
+    for source in sources:
+        with open(source, "rb") as fh:
+            digest.update(fh.read())
+    out_dir = os.path.join(cache_root(), "kernels", digest.hexdigest()[:16])
+    lib = os.path.join(out_dir, "libmindpangu_kernels.so")
+    if not os.path.isfile(lib):
+        os.makedirs(out_dir, exist_ok=True)
+        tmp = f"{lib}.tmp{os.getpid()}"
+        proc = subprocess.run([compiler, *FLAGS, *sources, "-o", tmp], capture_output=True, text=True)
+        if proc.returncode:
+            raise RuntimeError(f"building {' '.join(sources)} failed:\n{proc.stderr[-2000:]}")
+        os.replace(tmp, lib)
+    return lib
+
+
+def kernel_library(required: bool = False) -> Optional[str]:
+    """The kernel .so (built if needed), or None with a warning when it cannot be built and is not required."""
+    if "path" in _LIBRARY:
+        return _LIBRARY["path"]
+    try:
+        missing = [s for s in SOURCES if not os.path.isfile(s)]
+        if missing:
+            raise RuntimeError(f"kernel source {missing[0]} is not installed")
+        if shutil.which("g++") is None:
+            raise RuntimeError("no C++ compiler (g++) on PATH")
+        path = build_library()
+        root = os.path.realpath(os.path.join(cache_root(), "kernels"))
+        allowed = os.environ.setdefault("MS_CUSTOM_AOT_WHITE_LIST", root)
+        if not os.path.realpath(path).startswith(os.path.realpath(allowed)):
+            raise RuntimeError(f"MS_CUSTOM_AOT_WHITE_LIST={allowed} does not include the kernel cache {root}")
+    except RuntimeError as e:
+        if required:
+            raise
+        warnings.warn(f"C++ CPU kernels unavailable, using the reference path: {e}")
+        path = None
+    _LIBRARY["path"] = path
+    return path
+
+
+def custom_op(name: str, out_shape, out_dtype, bprop=None, **attrs):
+    """An aot op. ``attrs`` must name everything besides the input shapes that ``out_shape`` depends on: PyNative
+    caches a launched kernel by op name, input shapes and attributes, and would reuse a kernel built for another
+    output shape (e.g. another top-k) otherwise."""
+    op = ops.Custom(f"{kernel_library(required=True)}:{name}", out_shape=out_shape, out_dtype=out_dtype,
+                    func_type="aot", bprop=bprop)
+    for key, value in attrs.items():
+        op.add_prim_attr(key, value)
+    return op
+
+
+def resolve_kernels(requested: str, key: str) -> str:
+    """'reference' or 'cpu_kernel' for a ``*_backend`` option named ``key``. auto: the C++ kernels on CPU when
+    they build and no semi-auto parallel context is set (parallel layouts shard the composite ops), else the
+    reference path. Raises ValueError for 'cpu_kernel' off CPU."""
+    target = ms.get_context("device_target")
+    if requested == "reference":
+        return "reference"
+    if requested == "cpu_kernel":
+        if target != "CPU":
+            raise ValueError(f"{key} 'cpu_kernel' runs on CPU only (device_target is {target})")
+        kernel_library(required=True)
+        return "cpu_kernel"
+    if ms.get_auto_parallel_context("parallel_mode") in ("semi_auto_parallel", "auto_parallel"):
+        return "reference"
+    return "cpu_kernel" if target == "CPU" and kernel_library() else "reference"
+
+
+def make_rms_norm():
+    """(x [..., H] f32, weight [H] f32, eps [1] f32) -> (y [..., H] f32, rstd [...] f32), RMSNorm in one kernel
+    (``ops/cpu/norm_kernels.cc``); the bprop gives d x and d weight from ``RmsNormGrad``."""
+    grad = custom_op("RmsNormGrad", lambda dy, x, w, r: (x, w), (ms.float32, ms.float32))
+
+    def bprop(x, weight, eps, out, dout):
+        dx, dw = grad(dout[0], x, weight, out[1])
+        return dx, dw, ops.zeros_like(eps)
+
+    return custom_op("RmsNorm", lambda x, w, e: (x, x[:-1]), (ms.float32, ms.float32), bprop)
+
+
+def eps_tensor(eps: float) -> Tensor:
+    """The RMSNorm kernel's eps input [1] float32."""
+    return Tensor(np.array([eps], np.float32))
