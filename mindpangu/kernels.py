@@ -24,6 +24,7 @@ from .fsutil import cache_root
 
 _OPS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "ops", "cpu")
 SOURCES = (os.path.join(_OPS, "moe_kernels.cc"), os.path.join(_OPS, "norm_kernels.cc"))
+HEADERS = (os.path.join(_OPS, "parallel_for.h"),)
 FLAGS = ["-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-pthread", "-D_GLIBCXX_USE_CXX11_ABI=0"]
 _LIBRARY: dict = {}
 
@@ -32,7 +33,7 @@ def build_library(sources: Sequence[str] = SOURCES, compiler: str = "g++") -> st
     """Compile ``sources`` into one library in the kernel cache (once per source hash and flags); -> the .so path.
     Raises RuntimeError with the compiler's message when the build fails."""
     digest = hashlib.sha256(" ".join(FLAGS).encode())
-    for source in sources:
+    for source in (*sources, *HEADERS):
         with open(source, "rb") as fh:
             digest.update(fh.read())
     out_dir = os.path.join(cache_root(), "kernels", digest.hexdigest()[:16])
@@ -52,7 +53,7 @@ def kernel_library(required: bool = False) -> Optional[str]:
     if "path" in _LIBRARY:
         return _LIBRARY["path"]
     try:
-        missing = [s for s in SOURCES if not os.path.isfile(s)]
+        missing = [s for s in (*SOURCES, *HEADERS) if not os.path.isfile(s)]
         if missing:
             raise RuntimeError(f"kernel source {missing[0]} is not installed")
         if shutil.which("g++") is None:

@@ -12,24 +12,11 @@
 #include <thread>
 #include <vector>
 
+#include "parallel_for.h"
+
 namespace {
 
-template <typename F>
-void parallel_for(int64_t n, int64_t min_chunk, F fn) {
-  int64_t hw = std::max<int64_t>(1, std::thread::hardware_concurrency());
-  int64_t workers = std::min<int64_t>(hw, std::max<int64_t>(1, n / std::max<int64_t>(1, min_chunk)));
-  if (workers <= 1) {
-    fn(0, n);
-    return;
-  }
-  std::vector<std::thread> pool;
-  int64_t step = (n + workers - 1) / workers;
-  for (int64_t w = 0; w < workers; ++w) {
-    int64_t lo = w * step, hi = std::min(n, lo + step);
-    if (lo < hi) pool.emplace_back(fn, lo, hi);
-  }
-  for (auto &t : pool) t.join();
-}
+using mindpangu::parallel_for;
 
 // Pick the k largest of v[0..n) (ties: lower index first), written in descending order.
 inline void topk_desc(const float *v, int n, int k, int32_t *out, int offset) {

@@ -9,24 +9,13 @@
 #include <thread>
 #include <vector>
 
+#include "parallel_for.h"
+
 namespace {
 
-template <typename F>
-void parallel_rows(int64_t n, int64_t min_rows, F fn) {
-  int64_t hw = std::max<int64_t>(1, std::thread::hardware_concurrency());
-  int64_t workers = std::min<int64_t>(hw, std::max<int64_t>(1, n / std::max<int64_t>(1, min_rows)));
-  if (workers <= 1) {
-    fn(0, 0, n);
-    return;
-  }
-  std::vector<std::thread> pool;
-  int64_t step = (n + workers - 1) / workers;
-  for (int64_t w = 0; w < workers; ++w) {
-    int64_t lo = w * step, hi = std::min(n, lo + step);
-    if (lo < hi) pool.emplace_back(fn, w, lo, hi);
-  }
-  for (auto &t : pool) t.join();
-}
+// At least 128K elements per thread: a thread start costs tens of microseconds, about what a tiny model's whole
+// norm takes on one core.
+int64_t min_rows(int64_t H) { return std::max<int64_t>(1, (int64_t{1} << 17) / std::max<int64_t>(1, H)); }
 
 int64_t leading(int ndim, const int64_t *shape) {
   int64_t n = 1;
@@ -46,7 +35,7 @@ extern "C" int RmsNorm(int nparam, void **params, int *ndims, int64_t **shapes, 
   float *y = static_cast<float *>(params[3]);
   float *rstd = static_cast<float *>(params[4]);
   const int64_t H = shapes[0][ndims[0] - 1], N = leading(ndims[0], shapes[0]);
-  parallel_rows(N, 64, [&](int64_t, int64_t lo, int64_t hi) {
+  mindpangu::parallel_chunks(N, min_rows(H), [&](int64_t, int64_t lo, int64_t hi) {
     for (int64_t r = lo; r < hi; ++r) {
       const float *xr = x + r * H;
       float sq = 0.0f;
@@ -72,9 +61,9 @@ extern "C" int RmsNormGrad(int nparam, void **params, int *ndims, int64_t **shap
   float *dx = static_cast<float *>(params[4]);
   float *dw = static_cast<float *>(params[5]);
   const int64_t H = shapes[0][ndims[0] - 1], N = leading(ndims[0], shapes[0]);
-  const int64_t hw = std::max<int64_t>(1, std::thread::hardware_concurrency());
+  const int64_t hw = mindpangu::hardware_threads();
   std::vector<float> partial(static_cast<size_t>(hw * H), 0.0f);  // per-thread dweight, summed below
-  parallel_rows(N, 64, [&](int64_t worker, int64_t lo, int64_t hi) {
+  mindpangu::parallel_chunks(N, min_rows(H), [&](int64_t worker, int64_t lo, int64_t hi) {
     float *acc = partial.data() + worker * H;
     for (int64_t r = lo; r < hi; ++r) {
       const float *xr = x + r * H, *gr = dy + r * H;
