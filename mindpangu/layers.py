@@ -51,7 +51,7 @@ class RMSNorm(nn.Cell):
 
     ``backend`` (``model.norm_backend``): 'reference' is six primitives (what ``parallelize`` shards); 'cpu_kernel'
     one C++ kernel each way (``ops/cpu/norm_kernels.cc``), which on CPU saves the dozen small ops autodiff makes
-    of the six (about a quarter of the tiny model's step, tools/bench.py compare); 'auto' resolves as
+    of the six (about a fifth of the tiny model's step, README "MoE kernels"); 'auto' resolves as
     ``kernels.resolve_kernels`` says. Raises ValueError for 'cpu_kernel' off CPU.
     """
 
