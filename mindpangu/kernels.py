@@ -83,6 +83,11 @@ def custom_op(name: str, out_shape, out_dtype, bprop=None, **attrs):
     return op
 
 
+def semi_auto_parallel() -> bool:
+    """Whether MindSpore's parallel context is semi-auto or auto parallel (layouts shard the composite ops)."""
+    return ms.get_auto_parallel_context("parallel_mode") in ("semi_auto_parallel", "auto_parallel")
+
+
 def resolve_kernels(requested: str, key: str) -> str:
     """'reference' or 'cpu_kernel' for a ``*_backend`` option named ``key``. auto: the C++ kernels on CPU when
     they build and no semi-auto parallel context is set (parallel layouts shard the composite ops), else the
@@ -95,7 +100,7 @@ def resolve_kernels(requested: str, key: str) -> str:
             raise ValueError(f"{key} 'cpu_kernel' runs on CPU only (device_target is {target})")
         kernel_library(required=True)
         return "cpu_kernel"
-    if ms.get_auto_parallel_context("parallel_mode") in ("semi_auto_parallel", "auto_parallel"):
+    if semi_auto_parallel():
         return "reference"
     return "cpu_kernel" if target == "CPU" and kernel_library() else "reference"
 

@@ -25,7 +25,7 @@ import math
 import mindspore as ms
 from mindspore import Tensor, nn, ops
 
-from ..kernels import resolve_kernels
+from ..kernels import resolve_kernels, semi_auto_parallel
 from .kernels import make_permute, make_unpermute
 
 
@@ -87,6 +87,13 @@ def expert_major_plan(indices, num_experts: int, capacity: int, sort):
     return ops.select(filled, row_of_slot, ops.full_like(row_of_slot, rows)), slot_of_row
 
 
+def _gather_rows(x, row_of_slot, k: int, gather_rows=ops.gather):
+    """x [T, H], row_of_slot [...] (routed row ids, T * K marking an empty slot) -> [..., H]; empty slots read a
+    zero row appended to x."""
+    x_ext = ops.concat((x, ops.zeros((1, x.shape[1]), x.dtype)), 0)
+    return gather_rows(x_ext, row_of_slot // k, 0)
+
+
 def _combine(ys, weights, slot_of_row, combine_rows=ops.gather):
     """ys [G, M, H] (or [S, H]), weights [T, K], slot_of_row [R] -> sum_k weights[t, k] * ys[slot of (t, k)]."""
     t, k = weights.shape
@@ -108,8 +115,7 @@ class BlockPaddedDispatcher(nn.Cell):
         t, k = indices.shape
         block = self.block if self.block else block_size(t * k, self.num_experts)
         slot_of_row, row_of_slot, block_expert, _ = permute_plan(indices, self.num_experts, block)
-        x_ext = ops.concat((x, ops.zeros((1, x.shape[1]), x.dtype)), 0)
-        xs = ops.gather(x_ext, row_of_slot // k, 0)  # padding rows (== rows) map to the zero row t
+        xs = _gather_rows(x, row_of_slot, k)
         return xs.reshape(block_expert.shape[0], block, x.shape[1]), block_expert, slot_of_row
 
     def combine(self, ys, weights, slot_of_row):
@@ -150,8 +156,7 @@ class ExpertMajorDispatcher(nn.Cell):
         """x [T, H], indices [T, K] int32 -> (xs [E, T, H], None (group g is expert g), slot_of_row [R] int32)."""
         t, k = indices.shape
         row_of_slot, slot_of_row = expert_major_plan(indices, self.num_experts, t, self.sort)
-        x_ext = ops.concat((x, ops.zeros((1, x.shape[1]), x.dtype)), 0)
-        return self.dispatch_rows(x_ext, row_of_slot // k, 0), None, slot_of_row  # empty slots read the zero row
+        return _gather_rows(x, row_of_slot, k, self.dispatch_rows), None, slot_of_row
 
     def combine(self, ys, weights, slot_of_row):
         """ys [E, T, H], weights [T, K] float32, slot_of_row [R] -> y [T, H]."""
@@ -171,8 +176,7 @@ def resolve_backend(requested: str) -> str:
     if requested == "ascend":
         raise ValueError("moe.dispatch_backend 'ascend' (MindSpore's fused Ascend MoE ops) is not implemented yet; "
                          "use 'reference' (runs everywhere), 'expert_major' (semi-auto parallel) or 'auto'")
-    if requested == "auto" and ms.get_auto_parallel_context("parallel_mode") in ("semi_auto_parallel",
-                                                                                 "auto_parallel"):
+    if requested == "auto" and semi_auto_parallel():
         return "expert_major"
     return resolve_kernels(requested, "moe.dispatch_backend")
 
