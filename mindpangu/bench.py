@@ -275,20 +275,24 @@ def _peer_step(cfg: TrainConfig):
     return step
 
 
-def _run_worker(side: str, config: str, overrides, steps: int) -> dict:
-    """``train_worker`` in a fresh Python process (so first-step time and peak RSS are that run's own)."""
+def _in_fresh_process(worker: str, args: list) -> dict:
+    """``mindpangu.bench.<worker>(*args)`` in a fresh Python process (so first-step time and peak RSS are that
+    run's own); returns its result dict."""
     import json
     import subprocess
     import sys
 
-    code = ("import json, sys; from mindpangu.bench import train_worker; "
-            "print('RESULT ' + json.dumps(train_worker(*json.loads(sys.argv[1]))))")
-    proc = subprocess.run([sys.executable, "-c", code, json.dumps([side, config, list(overrides), steps])],
-                          capture_output=True, text=True)
+    code = (f"import json, sys; from mindpangu.bench import {worker}; "
+            f"print('RESULT ' + json.dumps({worker}(*json.loads(sys.argv[1]))))")
+    proc = subprocess.run([sys.executable, "-c", code, json.dumps(args)], capture_output=True, text=True)
     for line in proc.stdout.splitlines():
         if line.startswith("RESULT "):
             return json.loads(line[len("RESULT "):])
-    raise SystemExit(f"benchmark worker ({side}, {config} {' '.join(overrides)}) failed:\n{proc.stderr[-3000:]}")
+    raise SystemExit(f"benchmark worker {worker}{tuple(args)} failed:\n{proc.stderr[-3000:]}")
+
+
+def _run_worker(side: str, config: str, overrides, steps: int) -> dict:
+    return _in_fresh_process("train_worker", [side, config, list(overrides), steps])
 
 
 def bench_compare(config: str = PEER_RECIPE, rounds: int = 3, steps: int = 8, depths=(4, 16, 48),
@@ -330,3 +334,110 @@ def bench_compare(config: str = PEER_RECIPE, rounds: int = 3, steps: int = 8, de
         print(f"{b['layers']} vs {a['layers']} layers: first step {b['first_step_s'] / a['first_step_s']:.2f}x, "
               f"peak RSS {b['peak_rss_mb'] / a['peak_rss_mb']:.2f}x, step {b['step_s'] / a['step_s']:.2f}x")
     return {"runs": runs, "median_tokens_per_s": med, "ratios": ratios, "sweep": sweep}
+
+
+# ---- preprocessing ------------------------------------------------------------------------------------------------
+BUNDLED_TOKENIZER = os.path.join(os.path.dirname(_RECIPES), "data", "shakespeare", "tokenizer.json")
+BUNDLED_CORPUS = os.path.join(os.path.dirname(_RECIPES), "data", "shakespeare", "plays.txt")
+
+
+def synthetic_corpus(directory: str, size_mb: float, file_mb: float = 256, seed: int = 0) -> list:
+    """Write about ``size_mb`` MiB of JSONL documents (1-60 consecutive paragraphs of the bundled plays from a
+    seeded random start) into files of ``file_mb`` MiB; returns their paths. Streams; holds one document."""
+    import json
+
+    paragraphs = open(BUNDLED_CORPUS, encoding="utf-8").read().split("\n\n")
+    rng = np.random.default_rng(seed)
+    paths, written, fh = [], 0, None
+    while written < size_mb * (1 << 20):
+        if fh is None or fh.tell() >= file_mb * (1 << 20):
+            if fh:
+                fh.close()
+            paths.append(os.path.join(directory, f"part-{len(paths):04d}.jsonl"))
+            fh = open(paths[-1], "w", encoding="utf-8")
+        start, count = int(rng.integers(0, len(paragraphs) - 60)), int(rng.integers(1, 61))
+        line = json.dumps({"text": "\n\n".join(paragraphs[start:start + count])}) + "\n"
+        fh.write(line)
+        written += len(line.encode("utf-8"))
+    fh.close()
+    return paths
+
+
+def preprocess_worker(mode: str, inputs: list, tokenizer: str, seq_length: int, out: str) -> dict:
+    """One timed preprocessing run in this process: ``streaming`` (``mindpangu.data.mindrecord.preprocess``) or
+    ``one_document`` (the previous algorithm, kept here as the baseline: each file read whole as one document,
+    encoded on one core into a Python list of ids, packed and written at the end)."""
+    import resource
+
+    from .data.mindrecord import preprocess
+    from .data.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(tokenizer)
+    size = sum(os.path.getsize(p) for p in inputs)
+    t0 = time.perf_counter()
+    if mode == "streaming":
+        meta = preprocess(inputs, tok, seq_length, out, progress=False)
+        tokens = meta["tokens"] + meta["dropped_tail_tokens"]
+    else:
+        from mindspore.mindrecord import FileWriter
+
+        ids = []
+        for path in inputs:
+            with open(path, encoding="utf-8") as fh:
+                ids.extend(tok.encode(fh.read()))
+            ids.append(tok.eos_id)
+        width = seq_length + 1
+        n = len(ids) // width
+        samples = np.asarray(ids[: n * width], np.int32).reshape(n, width)
+        os.makedirs(out, exist_ok=True)
+        writer = FileWriter(os.path.join(out, "data.mindrecord"), shard_num=1, overwrite=True)
+        writer.add_schema({"input_ids": {"type": "int32", "shape": [-1]}}, "packed token ids")
+        for start in range(0, n, 4096):
+            writer.write_raw_data([{"input_ids": row} for row in samples[start:start + 4096]])
+        writer.commit()
+        tokens = len(ids)
+    wall = time.perf_counter() - t0
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+    return {"mode": mode, "input_mb": size / (1 << 20), "wall_s": wall, "mb_per_s": size / (1 << 20) / wall,
+            "tokens": tokens, "peak_rss_mb": rss}
+
+
+def bench_preprocess(size_mb: float = 1024, baseline_mb: float = 20, tokenizer: str = BUNDLED_TOKENIZER,
+                     seq_length: int = 1024, rounds: int = 1, workdir: str = "") -> dict:
+    """Streaming preprocessing of a ``size_mb`` MiB synthetic JSONL corpus against the one-document baseline on
+    its first ``baseline_mb`` MiB (as one plain-text file), each in a fresh process, alternating ``rounds`` times.
+    Prints every run: MB/s, peak RSS, RSS per input MB; returns them. Nothing is kept (a temporary directory)."""
+    import shutil
+    import tempfile
+
+    root = tempfile.mkdtemp(prefix="mindpangu-bench-", dir=workdir or None)
+    try:
+        t0 = time.perf_counter()
+        corpus = synthetic_corpus(root, size_mb)
+        print(f"synthetic corpus: {len(corpus)} JSONL files, {size_mb:,.0f} MiB, {time.perf_counter() - t0:.0f} s "
+              f"to generate; tokenizer {tokenizer}, seq_length {seq_length}")
+        small = os.path.join(root, "baseline.txt")
+        with open(corpus[0], encoding="utf-8") as src, open(small, "w", encoding="utf-8") as dst:
+            import json
+
+            for line in src:
+                dst.write(json.loads(line)["text"] + "\n\n")
+                if dst.tell() >= baseline_mb * (1 << 20):
+                    break
+        runs = []
+        print(f"{'run':<5}{'path':<14}{'input MiB':>10}{'wall s':>9}{'MiB/s':>8}{'peak RSS MiB':>14}"
+              f"{'RSS bytes/token':>17}")
+        for r in range(rounds):
+            for mode, inputs in (("one_document", [small]), ("streaming", corpus)):
+                out = _in_fresh_process("preprocess_worker", [mode, inputs, tokenizer, seq_length,
+                                                              os.path.join(root, f"ds-{mode}-{r}")])
+                shutil.rmtree(os.path.join(root, f"ds-{mode}-{r}"), ignore_errors=True)
+                runs.append(out)
+                print(f"{r + 1:<5}{mode:<14}{out['input_mb']:>10,.0f}{out['wall_s']:>9.1f}{out['mb_per_s']:>8.2f}"
+                      f"{out['peak_rss_mb']:>14,.0f}{out['peak_rss_mb'] * (1 << 20) / out['tokens']:>17.1f}",
+                      flush=True)
+        ratio = [b["mb_per_s"] / a["mb_per_s"] for a, b in zip(runs[0::2], runs[1::2])]
+        print(f"streaming / one-document throughput: {', '.join(f'{x:.2f}x' for x in ratio)}")
+        return {"runs": runs, "ratios": ratio}
+    finally:
+        shutil.rmtree(root, ignore_errors=True)

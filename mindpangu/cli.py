@@ -57,20 +57,26 @@ def train_main(argv=None):
 def preprocess_main(argv=None):
     """Tokenise text or JSONL files and pack them into a MindRecord dataset of seq_length + 1 tokens per sample."""
     p = argparse.ArgumentParser(prog="mindpangu-preprocess", description=preprocess_main.__doc__)
-    p.add_argument("--input", nargs="+", required=True, help=".txt files (one document each) or .jsonl files")
-    p.add_argument("--out", required=True, help="output dataset directory")
+    p.add_argument("--input", nargs="+", required=True,
+                   help="files or glob patterns ('corpus/*.jsonl.gz'): .jsonl/.json (one document per line), any "
+                        "other file is plain text (one document); .gz is read compressed")
+    p.add_argument("--out", required=True, help="output dataset directory (replaced atomically when complete)")
     p.add_argument("--seq-length", type=int, required=True)
     p.add_argument("--tokenizer", default="byte", help="'byte' or a Hugging Face tokenizer.json")
     p.add_argument("--text-key", default="text", help="JSONL field holding the text")
-    p.add_argument("--shards", type=int, default=1)
+    p.add_argument("--domain-key", default=None,
+                   help="JSONL field holding each document's domain label (plain-text files: the file name); "
+                        "adds a per-token domain_ids column for per-domain metrics")
+    p.add_argument("--shard-mb", type=float, default=256, help="MiB of samples per MindRecord file (default 256)")
     args = p.parse_intermixed_args(argv)
     from .data.mindrecord import preprocess
     from .data.tokenizer import load_tokenizer
 
-    meta = preprocess(args.input, load_tokenizer(args.tokenizer), args.seq_length, args.out, args.shards,
-                      args.text_key)
-    print(f"wrote {args.out}: {meta['num_samples']:,} samples of {args.seq_length + 1} tokens "
-          f"({meta['tokens']:,} tokens, {meta['documents']} documents)")
+    meta = preprocess(args.input, load_tokenizer(args.tokenizer), args.seq_length, args.out, args.shard_mb,
+                      args.text_key, args.domain_key)
+    print(f"wrote {args.out}: {meta['num_samples']:,} samples of {args.seq_length + 1} tokens in "
+          f"{len(meta['files'])} file(s) ({meta['tokens']:,} tokens, {meta['documents']:,} documents"
+          + (f", domains {', '.join(meta['domains'])}" if meta.get("domains") else "") + ")")
 
 
 @_friendly
@@ -279,9 +285,11 @@ def imbalance_mc_main(argv=None):
 def bench_main(argv=None):
     """Benchmarks: ``forward`` (tokens/s in GRAPH and PYNATIVE mode), ``train`` (step time, tokens/s, MFU),
     ``ops`` (the C++ MoE kernels against the composite path), ``compare`` (training tokens/s against transformers'
-    DeepseekV3ForCausalLM on the same shape, alternating processes, then a depth sweep; needs the bench extra)."""
+    DeepseekV3ForCausalLM on the same shape, alternating processes, then a depth sweep; needs the bench extra),
+    ``preprocess`` (streaming preprocessing of a generated corpus: MiB/s and peak RSS against the one-document
+    baseline)."""
     p = argparse.ArgumentParser(prog="mindpangu-bench", description=bench_main.__doc__)
-    p.add_argument("what", choices=["forward", "train", "ops", "compare"])
+    p.add_argument("what", choices=["forward", "train", "ops", "compare", "preprocess"])
     p.add_argument("--config", help="YAML recipe (forward, train)")
     p.add_argument("overrides", nargs="*", help="key.path=value overrides")
     p.add_argument("--tokens", type=int, nargs="+", default=[1024, 8192, 32768], help="ops: token counts")
@@ -289,15 +297,24 @@ def bench_main(argv=None):
     p.add_argument("--batch", type=int, default=None, help="default: runner_config.batch_size")
     p.add_argument("--seq", type=int, default=None, help="default: train_dataset.seq_length")
     p.add_argument("--repeats", type=int, default=10)
-    p.add_argument("--rounds", type=int, default=3, help="compare: runs of each side, alternating")
+    p.add_argument("--rounds", type=int, default=None,
+                   help="compare, preprocess: runs of each side, alternating (default 3 and 1)")
     p.add_argument("--depths", type=int, nargs="*", default=[4, 16, 48],
                    help="compare: layer counts of the depth sweep (none to skip it)")
+    p.add_argument("--size-mb", type=float, default=1024, help="preprocess: MiB of generated JSONL corpus")
+    p.add_argument("--baseline-mb", type=float, default=20, help="preprocess: MiB for the one-document baseline")
+    p.add_argument("--tokenizer", default=None, help="preprocess: tokenizer (default: the bundled BPE)")
     args = p.parse_intermixed_args(argv)
-    from .bench import PEER_RECIPE, bench_compare, bench_forward, bench_ops, bench_train
+    from .bench import BUNDLED_TOKENIZER, PEER_RECIPE, bench_compare, bench_forward, bench_ops, bench_preprocess, bench_train
     from .config import load_config
 
+    if args.what == "preprocess":
+        bench_preprocess(args.size_mb, args.baseline_mb, args.tokenizer or BUNDLED_TOKENIZER,
+                         args.seq or 1024, rounds=args.rounds or 1)
+        return
+
     if args.what == "compare":
-        bench_compare(args.config or PEER_RECIPE, args.rounds, args.repeats, tuple(args.depths),
+        bench_compare(args.config or PEER_RECIPE, args.rounds or 3, args.repeats, tuple(args.depths),
                       overrides=args.overrides)
         return
     if args.what == "ops":

@@ -10,9 +10,27 @@ def cache_root() -> str:
     return os.environ.get("MINDPANGU_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "mindpangu"))
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's live process
+        return True
+    return True
+
+
 def staging_dir(final: str) -> str:
-    """A fresh, empty directory beside ``final`` (``final.tmp<pid>``) to build it in before ``replace_dir``."""
-    tmp = f"{os.path.abspath(final).rstrip(os.sep)}.tmp{os.getpid()}"
+    """A fresh, empty directory beside ``final`` (``final.tmp<pid>``) to build it in before ``replace_dir``.
+    Staging directories of ``final`` left by processes that no longer run (killed mid-write) are removed."""
+    base = os.path.abspath(final).rstrip(os.sep)
+    parent, name = os.path.split(base)
+    if os.path.isdir(parent):
+        for entry in os.listdir(parent):
+            pid = entry[len(name) + 4:]
+            if entry.startswith(name + ".tmp") and pid.isdigit() and not _alive(int(pid)):
+                shutil.rmtree(os.path.join(parent, entry), ignore_errors=True)
+    tmp = f"{base}.tmp{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
     return tmp
