@@ -40,6 +40,8 @@ def train_main(argv=None):
     p.add_argument("--no-progress", action="store_true", help="no progress bar (logs only)")
     p.add_argument("--max-steps-this-run", type=int, default=None,
                    help="stop (with a checkpoint) after this many steps; --resume continues (time-limited jobs)")
+    p.add_argument("--skip-memory-check", action="store_true",
+                   help="start even when the memory estimate exceeds this machine's memory")
     args = p.parse_intermixed_args(argv)
     from .config import load_config
     from .train.trainer import Trainer, TrainingStopped
@@ -47,7 +49,7 @@ def train_main(argv=None):
     cfg = load_config(args.config, args.overrides)
     try:
         Trainer(cfg, resume=args.resume or None, progress=not args.no_progress,
-                max_steps_this_run=args.max_steps_this_run).run()
+                max_steps_this_run=args.max_steps_this_run, memory_check=not args.skip_memory_check).run()
     except TrainingStopped as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(3)

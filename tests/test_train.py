@@ -17,7 +17,8 @@ from mindpangu.data.mindrecord import PackedDataset, preprocess
 from mindpangu.data.tokenizer import ByteTokenizer
 from mindpangu.train import checkpoint as ckpt
 from mindpangu.train.optim import AdamW, learning_rate
-from mindpangu.train.trainer import Trainer, open_dataset
+from mindpangu.train.preflight import check_data
+from mindpangu.train.trainer import Trainer
 from conftest import ROOT, ULTRA_TINY
 
 PRO_TINY = os.path.join(ROOT, "yaml_configs", "pangu_pro_moe", "tiny.yaml")
@@ -133,14 +134,14 @@ def test_non_finite_steps_are_skipped_then_training_stops(tmp_path):
 def test_bad_inputs_get_one_clear_error(tmp_path, monkeypatch):
     monkeypatch.setenv("MINDPANGU_CACHE", str(tmp_path / "cache"))
     with pytest.raises(FileNotFoundError, match="does not exist"):
-        open_dataset(_small_cfg(tmp_path, f"train_dataset.data_path={tmp_path}/missing.txt"), 1024)
+        check_data(_small_cfg(tmp_path, f"train_dataset.data_path={tmp_path}/missing.txt"))
     bad = tmp_path / "bad_ds"
     bad.mkdir()
     (bad / "metadata.json").write_text("{not json")
     with pytest.raises(ValueError, match="corrupt"):
-        open_dataset(_small_cfg(tmp_path, f"train_dataset.data_path={bad}"), 1024)
+        check_data(_small_cfg(tmp_path, f"train_dataset.data_path={bad}"))
     with pytest.raises(ConfigError, match="vocab_size"):
-        open_dataset(_small_cfg(tmp_path, "train_dataset.tokenizer=byte", "model.vocab_size=100"), 100)
+        check_data(_small_cfg(tmp_path, "train_dataset.tokenizer=byte", "model.vocab_size=100"))
     afile = tmp_path / "a_file"
     afile.write_text("x")
     with pytest.raises(ValueError, match="not writable"):

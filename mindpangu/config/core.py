@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from typing import Any, Dict, Optional, Tuple
@@ -33,15 +34,16 @@ class ConfigError(ValueError):
 
 def option(default: Any = _MISSING, doc: str = "", *, choices: Optional[Tuple] = None, ge: Any = None,
            gt: Any = None, le: Any = None, aliases: Tuple[str, ...] = (),
-           value_aliases: Optional[Dict[Any, Any]] = None, path: bool = False) -> Any:
+           value_aliases: Optional[Dict[Any, Any]] = None, path: bool = False, finite: bool = True) -> Any:
     """Declare a config field: its default, what it means, and the values allowed.
 
     ``aliases`` are other spellings of the key; ``value_aliases`` map other spellings of a value to the canonical
     one (e.g. a mindformers class name to an architecture name). ``path=True`` marks a file path: a relative
-    path written in a YAML file is taken relative to that file.
+    path written in a YAML file is taken relative to that file. Every number in a field (lists included) must be
+    finite (YAML's ``.nan`` / ``.inf`` are refused) unless ``finite=False``.
     """
     meta = {"doc": doc, "choices": choices, "ge": ge, "gt": gt, "le": le, "aliases": tuple(aliases),
-            "value_aliases": value_aliases or {}, "path": path}
+            "value_aliases": value_aliases or {}, "path": path, "finite": finite}
     if dataclasses.is_dataclass(default) or isinstance(default, (list, dict)):
         factory = (lambda d=default: dataclasses.replace(d)) if dataclasses.is_dataclass(default) \
             else (lambda d=default: type(d)(d))
@@ -233,10 +235,20 @@ def _relative_to_origin(value: str, where: str) -> str:
     return value
 
 
+def _non_finite(val: Any) -> bool:
+    if isinstance(val, float):
+        return not math.isfinite(val)
+    return isinstance(val, (list, tuple)) and any(_non_finite(v) for v in val)
+
+
 def _check_bounds(f: dataclasses.Field, val: Any, key: str, where: str) -> None:
     m = f.metadata
     if val is None:
         return
+    if m.get("finite", True) and _non_finite(val):
+        bounds = [f"{t} {m[b]}" for b, t in (("ge", ">="), ("gt", ">"), ("le", "<=")) if m.get(b) is not None]
+        raise ConfigError(key, "must be finite (not NaN or infinity)", value=val, where=where,
+                          allowed="a finite number" + (f" {' and '.join(bounds)}" if bounds else ""))
     if m.get("choices") is not None and val not in m["choices"]:
         raise ConfigError(key, "not an allowed value", value=val, where=where,
                           allowed=" | ".join(str(c) for c in m["choices"]))

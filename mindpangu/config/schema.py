@@ -6,7 +6,7 @@ openPangu users bring. Every field says what it means where it is declared.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Union
+from typing import Callable, Dict, List, Optional, Tuple, Union
 
 from .core import ConfigError, Section, option
 
@@ -374,6 +374,64 @@ class MeshConfig(Section):
     inter_node_gbps: float = option(0.0, "Per-device bandwidth between nodes, GB/s (0: the preset's).", ge=0.0)
 
 
+@dataclass(frozen=True)
+class Constraint:
+    """A rule between keys of different sections, checked when a recipe is loaded (``TrainConfig.validate``).
+
+    ``problem(cfg)`` returns why ``cfg`` breaks the rule (None when it holds); the error names ``key`` with its
+    value and ``allowed(cfg)``; ``others`` are the other keys the rule reads (listed in the README)."""
+    name: str
+    key: str
+    others: Tuple[str, ...]
+    problem: Callable[["TrainConfig"], Optional[str]]
+    allowed: Callable[["TrainConfig"], str]
+
+
+def _get(cfg: Section, key: str):
+    for part in key.split("."):
+        cfg = getattr(cfg, part)
+    return cfg
+
+
+def _balance_loss_ep_split(cfg: "TrainConfig") -> Optional[str]:
+    ep = cfg.parallel_config.expert_parallel
+    if cfg.model.moe.balance_loss.type in ("micro_batch", "ep_group") and cfg.runner_config.batch_size % ep:
+        return (f"must be a multiple of parallel_config.expert_parallel ({ep}): the balance loss "
+                f"({cfg.model.moe.balance_loss.type}) splits each micro-batch over the {ep} EP ranks")
+    return None
+
+
+# Only rules whose breach would otherwise surface later (inside MindSpore, mid-run, or as silently wrong numbers).
+# The parallel layout's own rules (degrees vs heads, experts, layers, micro-batches) are in
+# mindpangu/parallel/plan.py: layout_problems, run before every training run and plan.
+CONSTRAINTS: Tuple[Constraint, ...] = (
+    Constraint("seq_within_positions", "train_dataset.seq_length", ("model.max_position_embeddings",),
+               lambda c: f"longer than model.max_position_embeddings ({c.model.max_position_embeddings}), which "
+                         "the RoPE table covers" if c.train_dataset.seq_length > c.model.max_position_embeddings
+               else None,
+               lambda c: f"<= {c.model.max_position_embeddings} (or raise model.max_position_embeddings)"),
+    Constraint("mtp_within_seq", "model.num_mtp_layers", ("train_dataset.seq_length",),
+               lambda c: f"MTP depth k predicts token t + k + 1, so it needs k < train_dataset.seq_length "
+                         f"({c.train_dataset.seq_length})"
+               if c.model.num_mtp_layers >= c.train_dataset.seq_length else None,
+               lambda c: f"0..{c.train_dataset.seq_length - 1}"),
+    Constraint("batch_splits_over_ep", "runner_config.batch_size", ("parallel_config.expert_parallel", "model.moe.balance_loss.type"),
+               _balance_loss_ep_split, lambda c: f"a multiple of {c.parallel_config.expert_parallel}"),
+    Constraint("cpu_kernel_dispatch_on_cpu", "model.moe.dispatch_backend", ("context.device_target",),
+               lambda c: f"the C++ kernels of ops/cpu run on CPU only, not on {c.context.device_target}"
+               if c.model.moe.dispatch_backend == "cpu_kernel" and c.context.device_target != "CPU" else None,
+               lambda c: "auto | reference | expert_major"),
+    Constraint("cpu_kernel_norm_on_cpu", "model.norm_backend", ("context.device_target",),
+               lambda c: f"the C++ kernels of ops/cpu run on CPU only, not on {c.context.device_target}"
+               if c.model.norm_backend == "cpu_kernel" and c.context.device_target != "CPU" else None,
+               lambda c: "auto | reference"),
+    Constraint("ascend_dispatch_on_ascend", "model.moe.dispatch_backend", ("context.device_target",),
+               lambda c: "MindSpore's fused MoE ops run on Ascend only"
+               if c.model.moe.dispatch_backend == "ascend" and c.context.device_target != "Ascend" else None,
+               lambda c: "auto | reference | cpu_kernel | expert_major (or context.device_target: Ascend)"),
+)
+
+
 @dataclass
 class TrainConfig(Section):
     seed: int = option(1234, "Seed for init, data order and dropout.", ge=0)
@@ -394,3 +452,9 @@ class TrainConfig(Section):
     logging: LoggingConfig = option(LoggingConfig(), "What is logged and how often.")
     checkpoint: CheckpointConfig = option(CheckpointConfig(), "Checkpoint cadence and retention.")
     mesh: MeshConfig = option(MeshConfig(), "The cluster the parallel layout is planned for (tools/plan.py).")
+
+    def validate(self, path, origins):
+        for rule in CONSTRAINTS:
+            problem = rule.problem(self)
+            if problem:
+                _fail("", rule.key, problem, origins, _get(self, rule.key), rule.allowed(self))

@@ -11,61 +11,40 @@ import mindspore as ms
 from tqdm import tqdm
 
 from ..config import ConfigError, TrainConfig
-from ..data.mindrecord import JSONL_SUFFIXES, TEXT_SUFFIXES, PackedDataset, Position, cached_dataset
+from ..data.mindrecord import PackedDataset, Position, cached_dataset
 from ..data.tokenizer import load_tokenizer
 from ..fsutil import cache_root
+from ..progress import progress_bar
 from ..metrics import expert_load_stats, imbalance_from_counts
 from ..models import build_model
 from . import checkpoint as ckpt
 from .logger import MetricsWriter, SpikeCounter
 from .mfu import format_mfu, peak_flops, training_flops_per_token
 from .optim import learning_rate
-from .step import StepRunner
+from .preflight import preflight
+from .step import StepRunner, resolve_engine
 from ..parallel.distributed import init_data_parallel
-from ..parallel.plan import Layout, check_layout
 
 
 class TrainingStopped(RuntimeError):
     """Training cannot go on (e.g. too many non-finite steps in a row)."""
 
 
-def open_dataset(cfg: TrainConfig, vocab_size: int) -> PackedDataset:
-    """The training data: a preprocessed directory, or a text/JSONL file preprocessed once into the cache."""
+def open_dataset(cfg: TrainConfig, world: int = 1) -> PackedDataset:
+    """The training data (checked by ``preflight.check_data`` first): a preprocessed directory, or a text/JSONL
+    file preprocessed once into the cache. Raises ConfigError when the batch does not fit the training split."""
     d = cfg.train_dataset
-    if not d.data_path:
-        raise ConfigError("train_dataset.data_path", "no training data given",
-                          allowed="a preprocessed directory or a .txt / .jsonl file")
-    if not os.path.exists(d.data_path):
-        raise FileNotFoundError(f"train_dataset.data_path '{d.data_path}' does not exist")
-    tokenizer = load_tokenizer(d.tokenizer)
-    if tokenizer.vocab_size > vocab_size:
-        raise ConfigError("model.vocab_size", f"smaller than the tokenizer's {tokenizer.vocab_size} ids",
-                          value=vocab_size, allowed=f">= {tokenizer.vocab_size}")
     path = d.data_path
     if os.path.isfile(path):
-        if not path.endswith(TEXT_SUFFIXES + JSONL_SUFFIXES):
-            raise ValueError(f"train_dataset.data_path '{path}' is a file but not text ({', '.join(TEXT_SUFFIXES)}) "
-                             f"or JSONL ({', '.join(JSONL_SUFFIXES)})")
-        path = cached_dataset(path, tokenizer, d.seq_length, os.path.join(cache_root(), "data"))
+        path = cached_dataset(path, load_tokenizer(d.tokenizer), d.seq_length, os.path.join(cache_root(), "data"))
     data = PackedDataset(path, d.eval_fraction)
-    if data.seq_length != d.seq_length:
-        raise ConfigError("train_dataset.seq_length", f"the dataset in '{path}' was packed for {data.seq_length}",
-                          value=d.seq_length, allowed=str(data.seq_length))
-    if int(data.meta.get("vocab_size", 0)) > vocab_size:
-        raise ConfigError("model.vocab_size", f"smaller than the dataset's tokenizer ({data.meta['vocab_size']})",
-                          value=vocab_size)
+    batch = cfg.runner_config.batch_size
+    if len(data.train_indices) < batch * world:
+        raise ConfigError("runner_config.batch_size", f"one step needs {batch * world} sequences, the training "
+                          f"split of '{path}' has {len(data.train_indices)} ({data.num_samples} samples of "
+                          f"{d.seq_length + 1} tokens, eval_fraction {d.eval_fraction})", value=batch,
+                          allowed=f"<= {len(data.train_indices) // world}, or more data / a shorter seq_length")
     return data
-
-
-def writable_dir(path: str) -> None:
-    try:
-        os.makedirs(path, exist_ok=True)
-        probe = os.path.join(path, f".write_probe{os.getpid()}")
-        with open(probe, "w") as fh:
-            fh.write("ok")
-        os.remove(probe)
-    except OSError as e:
-        raise ValueError(f"output_dir '{path}' is not writable: {e.strerror}") from None
 
 
 def imbalance_devices(cfg: TrainConfig) -> int:
@@ -92,36 +71,24 @@ class Trainer:
     """Builds everything a run needs from a TrainConfig; ``run()`` trains and returns a summary dict."""
 
     def __init__(self, cfg: TrainConfig, resume: Optional[bool] = None, progress: bool = True,
-                 max_steps_this_run: Optional[int] = None):
+                 max_steps_this_run: Optional[int] = None, memory_check: bool = True):
+        """Checks the run (``preflight``: layout, memory, files) before opening the data and building the model.
+        ``memory_check=False`` skips the memory estimate's refusal (``--skip-memory-check``)."""
         self.cfg = cfg
         self.max_steps_this_run = max_steps_this_run
         self.resume = cfg.resume_training if resume is None else resume
         self.progress = progress
         m = cfg.model
-        if cfg.context.device_target == "CPU" and m.compute_dtype == "bfloat16":
-            raise ConfigError("model.compute_dtype", "bfloat16 matmul does not run on MindSpore's CPU backend",
-                              value="bfloat16", allowed="float32 | float16")
-        ep = cfg.parallel_config.expert_parallel
-        if m.moe.balance_loss.type in ("micro_batch", "ep_group") and cfg.runner_config.batch_size % ep:
-            raise ConfigError("runner_config.batch_size", f"must be a multiple of parallel_config.expert_parallel "
-                              f"({ep}): the balance loss splits each micro-batch into {ep} virtual EP ranks",
-                              value=cfg.runner_config.batch_size, allowed=f"a multiple of {ep}")
         ms.set_context(mode=ms.GRAPH_MODE if cfg.context.graph_mode else ms.PYNATIVE_MODE,
                        device_target=cfg.context.device_target)
         if cfg.context.jit_level:
             ms.set_context(jit_config={"jit_level": cfg.context.jit_level})
         ms.set_seed(cfg.seed)
         self.rank, self.world = init_data_parallel()
-        if self.world > 1:
-            check_layout(cfg, self.world)
-            if cfg.parallel_config.data_parallel != self.world or Layout.from_config(cfg).world != self.world:
-                raise ConfigError("parallel_config.data_parallel", f"the job has {self.world} processes; on CPU "
-                                  "only data parallel runs across processes", value=cfg.parallel_config.data_parallel,
-                                  allowed=f"data_parallel={self.world} with every other degree 1")
         self.is_main = self.rank == 0  # writes logs, metrics and checkpoints
         self.progress = progress and self.is_main
-        writable_dir(cfg.output_dir)
-        self.data = open_dataset(cfg, m.vocab_size)
+        self.notes = preflight(cfg, self.world, resolve_engine(cfg), memory_check)
+        self.data = open_dataset(cfg, self.world)
         self.model = build_model(m, seed=cfg.seed)
         self.runner = StepRunner(self.model, cfg, self.world)
         r = cfg.runner_config
@@ -216,14 +183,16 @@ class Trainer:
         resumed = self.resume and self.restore()
         writer = MetricsWriter(cfg.output_dir, log.tensorboard) if self.is_main else _Silent()
         peak, peak_source = peak_flops(log.peak_tflops)
+        for note in self.notes:
+            self._say(note)
         self._say(f"engine {self.runner.engine}; MFU peak {peak / 1e9:,.0f} GFLOP/s ({peak_source})")
         flops_per_token = training_flops_per_token(cfg.model, cfg.train_dataset.seq_length)
         stream = self.data.batches(r.batch_size, self.position, cfg.seed, cfg.train_dataset.shuffle, self.rank,
                                    self.world)
         start_step = self.step
         stop_at = r.train_steps if not self.max_steps_this_run else min(r.train_steps, start_step + self.max_steps_this_run)
-        bar = tqdm(total=r.train_steps, initial=self.step, desc="train", unit="step", disable=not self.progress,
-                   dynamic_ncols=True)
+        bar = progress_bar(total=r.train_steps, initial=self.step, desc="train", unit="step",
+                           disable=not self.progress)
         if resumed:
             self._say(f"resumed from step {self.step} (epoch {self.position.epoch}, sample {self.position.offset})")
         t_run = time.perf_counter()
