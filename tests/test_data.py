@@ -131,6 +131,9 @@ def test_bad_input_names_file_and_line(tmp_path, capsys):
         preprocess_main(["--input", str(bad), "--out", str(tmp_path / "ds"), "--seq-length", "8"])
     assert e.value.code == 2
     assert "bad.jsonl:2: not valid JSON" in capsys.readouterr().err
+    bad.write_bytes('{"text": "ok"}\n{"text": "caf\xe9"}\n'.encode("latin-1"))
+    with pytest.raises(ValueError, match=r"bad.jsonl:2: not UTF-8"):
+        preprocess([str(bad)], ByteTokenizer(), 8, str(tmp_path / "ds"), progress=False)
     (tmp_path / "latin1.txt").write_bytes("caf\xe9".encode("latin-1"))
     with pytest.raises(ValueError, match=r"latin1.txt: not UTF-8"):
         preprocess([str(tmp_path / "latin1.txt")], ByteTokenizer(), 8, str(tmp_path / "ds"), progress=False)

@@ -25,9 +25,11 @@ def losses(out_dir):
 @pytest.mark.skipif(shutil.which("msrun", path=os.path.dirname(sys.executable)) is None, reason="msrun not installed")
 def test_msrun_data_parallel_equals_single_process(tmp_path, monkeypatch):
     monkeypatch.setenv("MINDPANGU_CACHE", str(tmp_path / "cache"))
-    # one process, global batch 8; the balance loss of each 4-sequence half on its own (2 virtual ranks), which is
-    # what each of the 2 data-parallel processes computes on its half
+    # one process, global batch 8; the balance loss of each 4-sequence half on its own (2 virtual EP ranks), which
+    # is what each of the 2 data-parallel processes computes on its half (data_parallel=2 makes the EP=2 layout
+    # valid; on one process it is reported as ignored)
     single = mp.load_config(ULTRA_TINY, overrides=SMALL + ["runner_config.batch_size=8", "parallel_config.expert_parallel=2",
+                                                           "parallel_config.data_parallel=2",
                                                            f"output_dir={tmp_path / 'single'}"])
     Trainer(single, progress=False).run()
     args = " ".join([os.path.join(ROOT, "tools", "train.py"), "--config", ULTRA_TINY, "--no-progress", *SMALL,

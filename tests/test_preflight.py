@@ -70,9 +70,6 @@ CROSS_SECTION_CASES = {
     "seq_within_positions": (["train_dataset.seq_length=513"], ["train_dataset.seq_length=512"]),
     "mtp_within_seq": (["train_dataset.seq_length=2", "model.num_mtp_layers=2"],
                        ["train_dataset.seq_length=3", "model.num_mtp_layers=2"]),
-    "batch_splits_over_ep": (["parallel_config.expert_parallel=4", "runner_config.batch_size=6"],
-                             ["parallel_config.expert_parallel=4", "runner_config.batch_size=6",
-                              "model.moe.balance_loss.type=none"]),
     "cpu_kernel_dispatch_on_cpu": (["model.moe.dispatch_backend=cpu_kernel", "context.device_target=Ascend"],
                                    ["model.moe.dispatch_backend=expert_major", "context.device_target=Ascend"]),
     "cpu_kernel_norm_on_cpu": (["model.norm_backend=cpu_kernel", "context.device_target=Ascend"],
@@ -114,6 +111,9 @@ def nothing_is_built(monkeypatch, tmp_path):
     (["model.compute_dtype=bfloat16"], "model.compute_dtype"),
     (["runner_config.batch_size=100000"], "runner_config.batch_size"),
     (["load_checkpoint=/nowhere"], "load_checkpoint"),
+    (["parallel_config.expert_parallel=4", "parallel_config.data_parallel=4", "runner_config.batch_size=6"],
+     "runner_config.batch_size"),
+    (["parallel_config.expert_parallel=4"], "parallel_config"),  # EP ranks are carved from DP x TP x CP
 ])
 def test_bad_runs_exit_2_with_one_line(nothing_is_built, capsys, overrides, key):
     with pytest.raises(SystemExit) as e:

@@ -245,7 +245,8 @@ def test_float16_compute_trains_with_loss_scaling(tmp_path, monkeypatch):
 
 def test_ep_split_must_divide_the_batch(tmp_path):
     with pytest.raises(ConfigError, match="runner_config.batch_size"):
-        Trainer(_small_cfg(tmp_path, "parallel_config.expert_parallel=3"), progress=False)
+        Trainer(_small_cfg(tmp_path, "parallel_config.expert_parallel=4", "parallel_config.data_parallel=4",
+                           "runner_config.batch_size=6"), progress=False)
 
 
 def test_mfu_peak_source_and_no_mfu_above_100_percent():

@@ -393,14 +393,6 @@ def _get(cfg: Section, key: str):
     return cfg
 
 
-def _balance_loss_ep_split(cfg: "TrainConfig") -> Optional[str]:
-    ep = cfg.parallel_config.expert_parallel
-    if cfg.model.moe.balance_loss.type in ("micro_batch", "ep_group") and cfg.runner_config.batch_size % ep:
-        return (f"must be a multiple of parallel_config.expert_parallel ({ep}): the balance loss "
-                f"({cfg.model.moe.balance_loss.type}) splits each micro-batch over the {ep} EP ranks")
-    return None
-
-
 # Only rules whose breach would otherwise surface later (inside MindSpore, mid-run, or as silently wrong numbers).
 # The parallel layout's own rules (degrees vs heads, experts, layers, micro-batches) are in
 # mindpangu/parallel/plan.py: layout_problems, run before every training run and plan.
@@ -415,8 +407,6 @@ CONSTRAINTS: Tuple[Constraint, ...] = (
                          f"({c.train_dataset.seq_length})"
                if c.model.num_mtp_layers >= c.train_dataset.seq_length else None,
                lambda c: f"0..{c.train_dataset.seq_length - 1}"),
-    Constraint("batch_splits_over_ep", "runner_config.batch_size", ("parallel_config.expert_parallel", "model.moe.balance_loss.type"),
-               _balance_loss_ep_split, lambda c: f"a multiple of {c.parallel_config.expert_parallel}"),
     Constraint("cpu_kernel_dispatch_on_cpu", "model.moe.dispatch_backend", ("context.device_target",),
                lambda c: f"the C++ kernels of ops/cpu run on CPU only, not on {c.context.device_target}"
                if c.model.moe.dispatch_backend == "cpu_kernel" and c.context.device_target != "CPU" else None,

@@ -17,7 +17,7 @@ import json
 import os
 import re
 from dataclasses import dataclass
-from typing import Callable, Iterable, Iterator, List, Optional, Sequence, Tuple
+from typing import BinaryIO, Callable, Iterable, Iterator, List, Optional, Sequence, Tuple
 
 TEXT_SUFFIXES = (".txt", ".text", ".md")
 JSONL_SUFFIXES = (".jsonl", ".json")
@@ -113,10 +113,12 @@ class CorpusReader:
             done = self.bytes_read
             with open(path, "rb") as raw:
                 binary = gzip.GzipFile(fileobj=raw) if path.endswith(".gz") else raw
-                text = io.TextIOWrapper(binary, encoding="utf-8")  # universal newlines, as open(path) reads
                 tell = lambda: done + raw.tell()  # noqa: E731
                 try:
-                    yield from (self._jsonl if is_jsonl(path) else self._text)(path, text, tell)
+                    if is_jsonl(path):
+                        yield from self._jsonl(path, binary, tell)
+                    else:  # universal newlines, as open(path) reads text
+                        yield from self._text(path, io.TextIOWrapper(binary, encoding="utf-8"), tell)
                 except UnicodeDecodeError as e:
                     raise ValueError(f"{path}: not UTF-8 text near byte {raw.tell()} ({e.reason})") from None
                 except (OSError, EOFError) as e:  # a truncated or corrupt .gz
@@ -136,14 +138,16 @@ class CorpusReader:
             for i, piece in enumerate(pieces):
                 yield Document(piece, domain, ended and i == len(pieces) - 1)
 
-    def _jsonl(self, path: str, fh: io.TextIOWrapper, tell: Callable[[], int]) -> Iterator[Document]:
-        for n, line in enumerate(fh, 1):
+    def _jsonl(self, path: str, fh: BinaryIO, tell: Callable[[], int]) -> Iterator[Document]:
+        for n, raw_line in enumerate(fh, 1):
             if n % 256 == 0:
                 self.bytes_read = tell()
-            if not line.strip():
+            if not raw_line.strip():
                 continue
             try:
-                obj = json.loads(line)
+                obj = json.loads(raw_line.decode("utf-8"))
+            except UnicodeDecodeError as e:
+                raise ValueError(f"{path}:{n}: not UTF-8 ({e.reason} at byte {e.start + 1} of the line)") from None
             except json.JSONDecodeError as e:
                 raise ValueError(f"{path}:{n}: not valid JSON ({e.msg} at column {e.colno})") from None
             text = obj.get(self.text_key) if isinstance(obj, dict) else None

@@ -121,7 +121,13 @@ def layout_note(cfg: TrainConfig, layout: Layout) -> str:
 def check_layout_for_run(cfg: TrainConfig, world: int) -> List[str]:
     """The layout checks of a run on ``world`` processes; returns notes to print once (possibly none)."""
     if world == 1:
-        return [note for note in [layout_note(cfg, check_layout(cfg))] if note]
+        layout = check_layout(cfg)
+        batch = cfg.runner_config.batch_size
+        if cfg.model.moe.balance_loss.type in ("micro_batch", "ep_group") and batch % layout.ep:
+            raise ConfigError("runner_config.batch_size", f"must be a multiple of parallel_config.expert_parallel "
+                              f"({layout.ep}) on one process: the balance loss splits each micro-batch into "
+                              f"{layout.ep} virtual EP ranks", value=batch, allowed=f"a multiple of {layout.ep}")
+        return [note for note in [layout_note(cfg, layout)] if note]
     check_layout(cfg, world)
     if cfg.parallel_config.data_parallel != world or Layout.from_config(cfg).world != world:
         raise ConfigError("parallel_config.data_parallel", f"the job has {world} processes; on CPU only data "
