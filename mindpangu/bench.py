@@ -441,3 +441,94 @@ def bench_preprocess(size_mb: float = 1024, baseline_mb: float = 20, tokenizer: 
         return {"runs": runs, "ratios": ratio}
     finally:
         shutil.rmtree(root, ignore_errors=True)
+
+
+# ---- checkpoint conversion ------------------------------------------------------------------------------------
+CONVERT_SHAPE = ["model.norm_layout=pre_ln", "model.hidden_size=1024", "model.num_layers=6", "model.moe.num_experts=64",
+                 "model.moe.intermediate_size=1024", "model.intermediate_size=4096", "model.vocab_size=32000",
+                 "model.num_attention_heads=8", "model.q_lora_rank=512", "model.kv_lora_rank=256",
+                 "model.qk_nope_head_dim=64", "model.v_head_dim=64"]
+
+
+def synthetic_hf_checkpoint(out: str, overrides=(), dtype: str = "bfloat16", shard: str = "500MB") -> dict:
+    """A DeepSeek-V3-layout directory of random weights at the shape ``CONVERT_SHAPE`` (+ ``overrides``), written
+    tensor by tensor in ``dtype`` shards (the model is built without initialisation only to learn its names)."""
+    import json
+
+    from .config import load_config
+    from .convert.hf import config_to_hf, internal_to_hf
+    from .convert.safetensors_io import parse_size, save_sharded
+
+    cfg = load_config(DEPTH_RECIPE, list(CONVERT_SHAPE) + list(overrides)).model
+    model = build_model(cfg, init=False)
+    shapes = {p.name: tuple(p.shape) for p in model.get_parameters()}
+    del model
+
+    class _Shape:
+        def __init__(self, shape):
+            self.shape = shape
+
+    hf = internal_to_hf({n: _Shape(s) for n, s in shapes.items()}, cfg)
+    rng = np.random.default_rng(0)
+
+    def get(name):
+        shape = hf.shapes[name]
+        return (rng.standard_normal(shape, dtype=np.float32) * 0.02).astype(np.float32)
+
+    os.makedirs(out, exist_ok=True)
+    files = save_sharded([(n, hf.shapes[n]) for n in hf], get, out, dtype, parse_size(shard))
+    with open(os.path.join(out, "config.json"), "w", encoding="utf-8") as fh:
+        json.dump(config_to_hf(cfg, dtype), fh, indent=2)
+    size = sum(os.path.getsize(os.path.join(out, f)) for f in files)
+    return {"parameters": sum(int(np.prod(s)) for s in shapes.values()), "files": len(files), "bytes": size}
+
+
+def convert_worker(mode: str, source: str, out: str) -> dict:
+    """One conversion in this process, timed, with its peak RSS: ``hf-to-ms`` / ``ms-to-hf`` (bf16) through the
+    CLI code, or ``eager-hf-to-ms``: every tensor read into memory as float32 first, then the model built and
+    assigned (how conversion worked before streaming), as the baseline."""
+    import resource
+
+    from .cli import convert_main
+
+    t0 = time.perf_counter()
+    if mode == "hf-to-ms":
+        convert_main(["hf-to-ms", "--hf", source, "--out", out])
+    elif mode == "ms-to-hf":
+        convert_main(["ms-to-hf", "--ckpt", source, "--out", out, "--dtype", "bfloat16", "--max-shard-size", "500MB"])
+    else:
+        from .convert.hf import assign, load_hf_directory
+
+        cfg, lazy = load_hf_directory(source)
+        params = {k: lazy[k] for k in lazy}  # all of it, float32
+        model = build_model(cfg, init=False)
+        assign(model, params, source)
+    return {"mode": mode, "wall_s": time.perf_counter() - t0,
+            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0}
+
+
+def bench_convert(overrides=(), workdir: str = "") -> dict:
+    """Convert a synthetic multi-GB sharded bf16 checkpoint HF -> MindSpore -> HF (bf16), each step in a fresh
+    process, and the eager baseline; prints wall time and peak RSS beside the model's float32 size."""
+    import shutil
+    import tempfile
+
+    root = tempfile.mkdtemp(prefix="mindpangu-convert-", dir=workdir or None)
+    try:
+        t0 = time.perf_counter()
+        made = _in_fresh_process("synthetic_hf_checkpoint", [os.path.join(root, "hf"), list(overrides)])
+        fp32_mb = made["parameters"] * 4 / 2 ** 20
+        print(f"synthetic DeepSeek-V3-layout checkpoint: {made['parameters'] / 1e9:.2f}B parameters, "
+              f"{made['files']} bf16 shards, {made['bytes'] / 2 ** 30:.2f} GiB ({time.perf_counter() - t0:.0f} s); "
+              f"the model in float32: {fp32_mb / 1024:.2f} GiB")
+        print(f"{'conversion':<16}{'wall s':>8}{'peak RSS MiB':>14}{'/ model fp32':>14}")
+        runs = []
+        for mode, src, out in (("hf-to-ms", "hf", "m.ckpt"), ("ms-to-hf", "m.ckpt", "back"),
+                               ("eager-hf-to-ms", "hf", "")):
+            r = _in_fresh_process("convert_worker", [mode, os.path.join(root, src), os.path.join(root, out)])
+            runs.append(r)
+            print(f"{mode:<16}{r['wall_s']:>8.1f}{r['peak_rss_mb']:>14,.0f}{r['peak_rss_mb'] / fp32_mb:>14.2f}",
+                  flush=True)
+        return {"checkpoint": made, "runs": runs}
+    finally:
+        shutil.rmtree(root, ignore_errors=True)

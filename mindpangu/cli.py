@@ -112,6 +112,10 @@ def convert_main(argv=None):
     b.add_argument("--ckpt", required=True)
     b.add_argument("--config", default="", help="model YAML; default: the .yaml beside the checkpoint")
     b.add_argument("--out", required=True)
+    b.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                   help="tensor dtype on disk (default float32)")
+    b.add_argument("--max-shard-size", default="5GB",
+                   help="largest safetensors file, e.g. 5GB, 500MB (default 5GB; more shards get an index)")
     args = p.parse_args(argv)
     from .convert.checkpoint import load_ms_checkpoint, save_ms_checkpoint
     from .convert.hf import assign, load_hf_directory, save_hf_directory
@@ -125,11 +129,13 @@ def convert_main(argv=None):
         source = args.ckpt
     model = build_model(cfg, init=False)
     assign(model, params, source)
+    count = sum(int(p.size) for p in model.get_parameters())
     if args.direction == "hf-to-ms":
         save_ms_checkpoint(model, cfg, args.out)
+        print(f"wrote {args.out} ({count:,} parameters)")
     else:
-        save_hf_directory(model, cfg, args.out)
-    print(f"wrote {args.out} ({sum(v.size for v in params.values()):,} parameters)")
+        files = save_hf_directory(model, cfg, args.out, args.dtype, args.max_shard_size)
+        print(f"wrote {args.out} ({count:,} parameters, {args.dtype}, {len(files)} safetensors file(s))")
 
 
 def _weights_args(p: argparse.ArgumentParser) -> None:
@@ -155,7 +161,10 @@ def export_main(argv=None):
     the attention caches), decode.mindir (one token per sequence + caches of a fixed length -> logits and the
     updated caches), manifest.json, and the recipe's tokenizer."""
     p = argparse.ArgumentParser(prog="mindpangu-export", description=export_main.__doc__)
-    _config_args(p)
+    p.add_argument("--config", default="",
+                   help="YAML recipe (checked against the checkpoint's own config; its tokenizer is exported); "
+                        "default: the config of --hf's config.json or of --ckpt")
+    p.add_argument("overrides", nargs="*", help="key.path=value overrides (with --config)")
     _weights_args(p)
     p.add_argument("--out", required=True, help="output directory (replaced atomically)")
     p.add_argument("--max-len", type=int, default=None,
@@ -163,9 +172,15 @@ def export_main(argv=None):
     args = p.parse_intermixed_args(argv)
     from .export import export_for_serving
 
+    if args.overrides and not args.config:
+        p.error("overrides need --config")
     model, cfg = _load_weights(args)
     max_len = args.max_len or min(512, model.config.max_position_embeddings)
-    tok = cfg.train_dataset.tokenizer if cfg.train_dataset.tokenizer not in ("", "byte") else ""
+    if cfg is not None:
+        tok = cfg.train_dataset.tokenizer if cfg.train_dataset.tokenizer not in ("", "byte") else ""
+    else:  # a Hugging Face directory usually carries its tokenizer
+        beside = os.path.join(args.hf, "tokenizer.json") if args.hf else ""
+        tok = beside if beside and os.path.isfile(beside) else ""
     m = export_for_serving(model, args.out, max_len, tok, source=args.ckpt or args.hf)
     c = m["cache"]
     print(f"wrote {args.out}: prefill.mindir, decode.mindir, manifest.json{', tokenizer.json' if tok else ''}")
@@ -289,9 +304,9 @@ def bench_main(argv=None):
     ``ops`` (the C++ MoE kernels against the composite path), ``compare`` (training tokens/s against transformers'
     DeepseekV3ForCausalLM on the same shape, alternating processes, then a depth sweep; needs the bench extra),
     ``preprocess`` (streaming preprocessing of a generated corpus: MiB/s and peak RSS against the one-document
-    baseline)."""
+    baseline), ``convert`` (peak RSS converting a synthetic multi-GB sharded checkpoint both ways)."""
     p = argparse.ArgumentParser(prog="mindpangu-bench", description=bench_main.__doc__)
-    p.add_argument("what", choices=["forward", "train", "ops", "compare", "preprocess"])
+    p.add_argument("what", choices=["forward", "train", "ops", "compare", "preprocess", "convert"])
     p.add_argument("--config", help="YAML recipe (forward, train)")
     p.add_argument("overrides", nargs="*", help="key.path=value overrides")
     p.add_argument("--tokens", type=int, nargs="+", default=[1024, 8192, 32768], help="ops: token counts")
@@ -310,6 +325,11 @@ def bench_main(argv=None):
     from .bench import BUNDLED_TOKENIZER, PEER_RECIPE, bench_compare, bench_forward, bench_ops, bench_preprocess, bench_train
     from .config import load_config
 
+    if args.what == "convert":
+        from .bench import bench_convert
+
+        bench_convert(args.overrides)
+        return
     if args.what == "preprocess":
         bench_preprocess(args.size_mb, args.baseline_mb, args.tokenizer or BUNDLED_TOKENIZER,
                          args.seq or 1024, rounds=args.rounds or 1)

@@ -61,6 +61,34 @@ def test_gating_kernel_matches_reference(rng, t, e, k, router, groups, score, no
     np.testing.assert_allclose(gwb[0].asnumpy(), gwa[0].asnumpy(), rtol=1e-4, atol=1e-5)
 
 
+def _stable_top_k(values, k):
+    """NumPy: the k largest along the last axis, largest first, equal values to the lower index."""
+    return np.argsort(-values, axis=-1, kind="stable")[..., :k]
+
+
+@pytest.mark.parametrize("router,groups,k", [("topk", 1, 2), ("topk", 1, 8), ("moge", 4, 4), ("moge", 2, 4)])
+def test_exact_ties_go_to_the_lower_expert_index_on_every_backend(rng, router, groups, k):
+    e, t = 16, 40
+    cfg = MoEConfig(num_experts=e, num_experts_per_tok=k, router=router, num_groups=groups,
+                    score_function="sigmoid" if router == "topk" else "softmax", norm_topk_prob=router == "topk")
+    # logits on a coarse grid (as 16-bit logits are), so most rows hold exact ties; row 0 is all equal
+    logits = rng.integers(-2, 3, (t, e)).astype(np.float32) * 0.5
+    logits[0] = 0.25
+    scores = 1 / (1 + np.exp(-logits)) if router == "topk" else np.exp(logits) / np.exp(logits).sum(-1, keepdims=True)
+    if router == "topk":
+        want = _stable_top_k(scores, k)
+    else:
+        per = e // groups
+        local = _stable_top_k(scores.reshape(t, groups, per), k // groups)
+        want = (local + np.arange(groups).reshape(1, -1, 1) * per).reshape(t, k)
+    for backend in ("reference", "cpu_kernel"):
+        got = Router(20, cfg, backend).route(ms.Tensor(logits))[1].asnumpy()
+        np.testing.assert_array_equal(got, want, err_msg=backend)
+        assert all(len(set(row)) == k for row in got)  # distinct experts
+    if router == "topk":
+        assert list(want[0]) == list(range(k))
+
+
 DISPATCH = [(37, 8, 2, True), (5, 16, 1, False), (64, 4, 4, False), (13, 64, 8, True), (100, 3, 1, True)]
 
 

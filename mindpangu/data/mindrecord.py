@@ -26,7 +26,7 @@ import numpy as np
 
 from ..fsutil import replace_dir, staging_dir, write_text_atomic
 from ..progress import progress_bar
-from .corpus import JSONL_SUFFIXES, TEXT_SUFFIXES, CorpusReader, Document, batched, expand_inputs  # noqa: F401
+from .corpus import CorpusReader, Document, batched, expand_inputs
 
 METADATA = "metadata.json"
 SHARD_MB = 256  # MiB of samples per MindRecord file: several files per GB, so data-parallel readers spread out

@@ -48,6 +48,8 @@ class Router(nn.Cell):
         if self.moge:
             offsets = np.arange(cfg.num_groups, dtype=np.int32).reshape(1, -1, 1) * self.per_group
             self.group_offsets = Tensor(offsets)
+        self.argmax = ops.Argmax(-1, ms.int32)
+        self.on, self.off = Tensor(1, ms.int32), Tensor(0, ms.int32)
         self.use_kernel = backend == "cpu_kernel"
         if self.use_kernel:
             from .kernels import gating_config, make_gating
@@ -60,6 +62,19 @@ class Router(nn.Cell):
     def construct(self, x):
         logits = self.matmul(x.astype(ms.float32), self.weight.astype(ms.float32))  # [T, E]
         return self.route(logits)
+
+    def top_k_indices(self, values, k: int):
+        """Indices [..., k] int32 of the k largest of ``values`` [..., n] along the last axis, largest first, equal
+        values to the lower index: the rule of the C++ gating kernel (ops/cpu/moe_kernels.cc: topk_desc) and of
+        fused serving kernels. k rounds of argmax (the first maximum) masking each pick, because TopK's order among
+        ties is unspecified (MindSpore's CPU TopK picked experts 6 and 5 of 8 equal scores)."""
+        picks = []
+        for _ in range(k):
+            pick = self.argmax(values)  # [...] int32
+            picks.append(pick)
+            taken = ops.one_hot(pick, values.shape[-1], self.on, self.off) > 0
+            values = ops.masked_fill(values, taken, float("-inf"))
+        return ops.stack(picks, -1)
 
     def route(self, logits):
         """Router logits [T, E] -> (weights, indices, scores, logits, counts)."""
@@ -75,11 +90,10 @@ class Router(nn.Cell):
         if self.moge:
             t = logits.shape[0]
             grouped = choice.reshape(t, self.groups, self.per_group)
-            _, local = ops.topk(grouped, self.k_per_group, -1)
+            local = self.top_k_indices(grouped, self.k_per_group)
             indices = (local + self.group_offsets).reshape(t, self.top_k)
         else:
-            _, indices = ops.topk(choice, self.top_k, -1)
-        indices = indices.astype(ms.int32)
+            indices = self.top_k_indices(choice, self.top_k)
         weights = ops.gather_elements(scores, 1, indices)
         if self.normalise:
             weights = weights / (weights.sum(-1, keepdims=True) + 1e-20)

@@ -22,7 +22,8 @@ import os
 from typing import Dict, List, Optional
 
 from ..config import ConfigError, TrainConfig
-from ..data.mindrecord import JSONL_SUFFIXES, METADATA, TEXT_SUFFIXES
+from ..data.corpus import JSONL_SUFFIXES, TEXT_SUFFIXES
+from ..data.mindrecord import METADATA
 from ..data.tokenizer import load_tokenizer
 from ..params import count_parameters
 from ..parallel.memory import activation_elements
