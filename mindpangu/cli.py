@@ -112,7 +112,7 @@ def convert_main(argv=None):
     b.add_argument("--ckpt", required=True)
     b.add_argument("--config", default="", help="model YAML; default: the .yaml beside the checkpoint")
     b.add_argument("--out", required=True)
-    b.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+    b.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16", "fp32", "bf16", "fp16"],
                    help="tensor dtype on disk (default float32)")
     b.add_argument("--max-shard-size", default="5GB",
                    help="largest safetensors file, e.g. 5GB, 500MB (default 5GB; more shards get an index)")
@@ -134,8 +134,9 @@ def convert_main(argv=None):
         save_ms_checkpoint(model, cfg, args.out)
         print(f"wrote {args.out} ({count:,} parameters)")
     else:
-        files = save_hf_directory(model, cfg, args.out, args.dtype, args.max_shard_size)
-        print(f"wrote {args.out} ({count:,} parameters, {args.dtype}, {len(files)} safetensors file(s))")
+        dtype = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}.get(args.dtype, args.dtype)
+        files = save_hf_directory(model, cfg, args.out, dtype, args.max_shard_size)
+        print(f"wrote {args.out} ({count:,} parameters, {dtype}, {len(files)} safetensors file(s))")
 
 
 def _weights_args(p: argparse.ArgumentParser) -> None:

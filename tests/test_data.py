@@ -155,10 +155,10 @@ class _FailingTokenizer(ByteTokenizer):
 
 def test_interrupted_run_keeps_the_previous_dataset(tmp_path):
     corpus = tmp_path / "c.txt"
-    corpus.write_text("to be or not to be\n\n" * 200_000, encoding="utf-8")
+    corpus.write_text("to be or not to be\n\n" * 2_000, encoding="utf-8")
     preprocess([str(corpus)], ByteTokenizer(), 64, str(tmp_path / "ds"), progress=False)
     before = PackedDataset(str(tmp_path / "ds")).read([0, 1])
-    corpus.write_text("something else entirely\n\n" * 200_000, encoding="utf-8")
+    corpus.write_text("something else entirely\n\n" * 200_000, encoding="utf-8")  # 5 MB: batches of ~1 MiB
     with pytest.raises(KeyboardInterrupt):
         preprocess([str(corpus)], _FailingTokenizer(after=2), 64, str(tmp_path / "ds"), progress=False)
     np.testing.assert_array_equal(PackedDataset(str(tmp_path / "ds")).read([0, 1]), before)

@@ -139,7 +139,8 @@ def test_training_losses_match_reference(rng, recipe):
 
 def test_backend_choice_errors():
     with pytest.raises(ValueError, match="not implemented yet"):
-        mp.build_model(mp.load_config(ULTRA_TINY, overrides=["model.moe.dispatch_backend=ascend"]).model)
+        mp.build_model(mp.load_config(ULTRA_TINY, overrides=["model.moe.dispatch_backend=ascend",
+                                                             "context.device_target=Ascend"]).model)
 
 
 def test_ops_of_different_configs_on_the_same_shapes_do_not_share_a_kernel(rng):
