@@ -70,5 +70,7 @@ def load_model(cfg: Optional[ModelConfig], ckpt: str = "", hf: str = ""):
         _check_same_model(saved_cfg.to_dict(), cfg, source)
     model = build_model(cfg, init=False)
     optimizer_state = ("adam_m.", "adam_v.", "adam_step")
-    assign(model, {k: v for k, v in params.items() if not k.startswith(optimizer_state)}, source)
+    if not hf:  # a training checkpoint also holds the optimizer's moments; an HF directory streams as it is
+        params = {k: v for k, v in params.items() if not k.startswith(optimizer_state)}
+    assign(model, params, source)
     return model

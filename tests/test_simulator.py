@@ -1,0 +1,62 @@
+"""Layout simulator against published numbers and independent counts: Megatron's MFU table from its FLOP
+formula, the Pangu Ultra bubble, and FLOPs per token against the parameters of a built model."""
+import numpy as np
+import pytest
+
+import mindpangu as mp
+from conftest import ULTRA_TINY
+from mindpangu.sim import ModelShape, bubble_fractions, forward_flops_per_token, training_flops
+
+A100_BF16 = 312e12
+# Korthikanti et al. 2022 Table 5 (sequence parallel + selective recompute) and the Megatron-LM README MFU column:
+# (layers, hidden, heads, GPUs, global batch, seconds per iteration, published MFU %)
+MEGATRON = {"22B": (48, 6144, 64, 8, 4, 1.10, 41.5), "175B": (96, 12288, 96, 64, 64, 13.75, 51.4),
+            "530B": (105, 20480, 128, 280, 280, 37.83, 56.0), "1T": (128, 25600, 160, 512, 512, 71.49, 56.3)}
+
+
+@pytest.mark.parametrize("name", list(MEGATRON))
+def test_flops_reproduce_megatron_mfu(name):
+    layers, hidden, heads, gpus, batch, seconds, mfu = MEGATRON[name]
+    seq, vocab = 2048, 51200
+    shape = ModelShape.dense_gpt(layers, hidden, heads, vocab)
+    flops = training_flops(shape, batch * seq, seq, causal=False)
+    # Megatron's model-FLOPs formula, written here from the paper
+    formula = 72 * batch * seq * layers * hidden ** 2 * (1 + seq / (6 * hidden) + vocab / (12 * layers * hidden))
+    assert flops == pytest.approx(formula, rel=1e-12)
+    assert 100 * flops / (seconds * gpus * A100_BF16) == pytest.approx(mfu, abs=0.3)
+
+
+def test_pangu_ultra_bubble_both_definitions():
+    # Pangu Ultra dense: PP8, 16 micro-batches per DP rank, 6-way VPP (report section 4.2)
+    plain, vpp = bubble_fractions(8, 16), bubble_fractions(8, 16, 6)
+    assert round(100 * plain["bubble_over_total"], 2) == 30.43 and round(100 * vpp["bubble_over_total"], 2) == 6.80
+    assert round(100 * plain["bubble_over_ideal"], 2) == 43.75 and round(100 * vpp["bubble_over_ideal"], 2) == 7.29
+    with pytest.raises(ValueError, match="multiple of the stages"):
+        bubble_fractions(8, 12, 2)
+
+
+@pytest.mark.parametrize("recipe", [ULTRA_TINY, ULTRA_TINY.replace("pangu_ultra_moe", "pangu_pro_moe")])
+def test_matmul_flops_equal_twice_the_active_weights_of_the_built_model(recipe):
+    """Outside the attention core, forward FLOPs per token are 2 x the matrix weights a token multiplies by:
+    counted here from the built model's parameters (routed experts at k / E; the embedding is a lookup; the MTP
+    layer multiplies by the shared head once more)."""
+    cfg = mp.load_config(recipe).model
+    model = mp.build_model(cfg, init=False)
+    k, e = cfg.moe.num_experts_per_tok, cfg.moe.num_experts
+    main = mtp = 0.0
+    for p in model.get_parameters():
+        if len(p.shape) < 2 or "embed_tokens" in p.name or p.name.endswith("router_scale"):
+            continue  # vectors, the lookup table, and Pro MoE's elementwise [1, E] router scale
+        size = float(np.prod(p.shape)) * (k / e if ".mlp.experts." in p.name else 1.0)
+        if "mtp_layers" in p.name:
+            mtp += size
+        else:
+            main += size
+    f = forward_flops_per_token(ModelShape.from_config(cfg), seq=64)
+    core_per_layer = f["attention scores and values"] / cfg.num_layers
+    assert sum(v for n, v in f.items() if n not in ("attention scores and values", "MTP")) == \
+        pytest.approx(2 * main, rel=1e-12)
+    if cfg.num_mtp_layers:
+        head = cfg.vocab_size * cfg.hidden_size
+        assert f["MTP"] == pytest.approx(2 * (mtp + cfg.num_mtp_layers * head) + cfg.num_mtp_layers * core_per_layer,
+                                         rel=1e-12)
