@@ -43,6 +43,7 @@ setup(
             "mindpangu-export=mindpangu.cli:export_main",
             "mindpangu-generate=mindpangu.cli:generate_main",
             "mindpangu-plan=mindpangu.cli:plan_main",
+            "mindpangu-simulate=mindpangu.cli:simulate_main",
             "mindpangu-sim-compile=mindpangu.cli:sim_compile_main",
             "mindpangu-to-mindformers=mindpangu.cli:to_mindformers_main",
         ],

@@ -278,6 +278,30 @@ def plan_main(argv=None):
 
 
 @_friendly
+def simulate_main(argv=None):
+    """Predict a recipe's training step on a cluster: compute, exposed communication, pipeline bubble, tokens/s,
+    MFU and memory per device (mindpangu/sim; assumptions and validation in docs/simulator.md)."""
+    p = argparse.ArgumentParser(prog="mindpangu-simulate", description=simulate_main.__doc__)
+    _config_args(p)
+    p.add_argument("--mesh", default="", help="preset (atlas_800t_a2, cloudmatrix_384, a100_80gb); default: the "
+                                              "YAML's mesh:, else atlas_800t_a2")
+    p.add_argument("--devices", type=int, default=0, help="devices (default: the layout's world size)")
+    p.add_argument("--imbalance", type=float, default=1.0,
+                   help="expert load on the busiest device over the mean (1 + imbalance score); default 1")
+    args = p.parse_intermixed_args(argv)
+    from .config import load_config
+    from .parallel import Layout, resolve_mesh
+    from .sim.report import format_report, simulate_config
+
+    cfg = load_config(args.config, args.overrides)
+    mesh_cfg = cfg.mesh
+    if not (args.mesh or mesh_cfg.preset or mesh_cfg.devices_per_node):
+        mesh_cfg.preset = "atlas_800t_a2"
+    mesh = resolve_mesh(mesh_cfg, args.mesh, args.devices or Layout.from_config(cfg).world)
+    print(format_report(simulate_config(cfg, mesh, args.imbalance), mesh))
+
+
+@_friendly
 def imbalance_mc_main(argv=None):
     """Monte Carlo of the device imbalance score: uniformly random top-K routing vs MoGE (Pro MoE Fig. 2b)."""
     p = argparse.ArgumentParser(prog="mindpangu-imbalance-mc", description=imbalance_mc_main.__doc__)

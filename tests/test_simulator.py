@@ -60,3 +60,24 @@ def test_matmul_flops_equal_twice_the_active_weights_of_the_built_model(recipe):
         head = cfg.vocab_size * cfg.hidden_size
         assert f["MTP"] == pytest.approx(2 * (mtp + cfg.num_mtp_layers * head) + cfg.num_mtp_layers * core_per_layer,
                                          rel=1e-12)
+
+
+# Korthikanti et al. 2022 Table 5 layouts: (TP, PP, VPP, micro-batch size)
+MEGATRON_LAYOUTS = {"22B": (8, 1, 1, 4), "175B": (8, 8, 3, 1), "530B": (8, 35, 3, 1), "1T": (8, 64, 1, 1)}
+
+
+@pytest.mark.parametrize("name", list(MEGATRON))
+def test_step_time_within_ten_percent_of_megatron(name):
+    """One set of A100 constants (the a100_80gb preset) for every point; the measured seconds are the paper's."""
+    from mindpangu.parallel.mesh import PRESETS
+    from mindpangu.parallel.plan import Layout
+    from mindpangu.sim.step import Run, simulate_step
+
+    layers, hidden, heads, gpus, batch, seconds, _ = MEGATRON[name]
+    tp, pp, vpp, mbs = MEGATRON_LAYOUTS[name]
+    layout = Layout(dp=gpus // (tp * pp), tp=tp, pp=pp, vpp=vpp)
+    out = simulate_step(ModelShape.dense_gpt(layers, hidden, heads, 51200), layout, PRESETS["a100_80gb"],
+                        Run(seq=2048, global_batch=batch, micro_batch=mbs, recompute="selective"))
+    assert out["step_s"] == pytest.approx(seconds, rel=0.10)
+    parts = sum(out[k] for k in ("compute_s", "tp_comm_s", "pp_comm_s", "bubble_s", "dp_comm_s"))
+    assert parts == pytest.approx(out["step_s"], rel=1e-9)  # the split adds up

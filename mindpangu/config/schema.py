@@ -363,9 +363,10 @@ class CheckpointConfig(Section):
 
 @dataclass
 class MeshConfig(Section):
-    preset: str = option("", "A known cluster whose fields fill the rest: atlas_800t_a2 (8 x 910B per node) or "
-                             "cloudmatrix_384 (384 x 910C); empty: give the fields.",
-                         choices=("", "atlas_800t_a2", "cloudmatrix_384"))
+    preset: str = option("", "A known cluster whose fields fill the rest: atlas_800t_a2 (8 x 910B per node), "
+                             "cloudmatrix_384 (384 x 910C) or a100_80gb (8 x A100 per node, for validation); "
+                             "empty: give the fields.",
+                         choices=("", "atlas_800t_a2", "cloudmatrix_384", "a100_80gb"))
     nodes: int = option(0, "Nodes; 0: as many as the parallel layout needs.", ge=0)
     devices_per_node: int = option(0, "Devices per node (0: the preset's).", ge=0)
     peak_tflops: float = option(0.0, "Dense fp16/bf16 peak per device, TFLOP/s (0: the preset's).", ge=0.0)

@@ -71,10 +71,10 @@ class Router(nn.Cell):
         picks = []
         for _ in range(k):
             pick = self.argmax(values)  # [...] int32
-            picks.append(pick)
+            picks.append(ops.expand_dims(pick, -1))
             taken = ops.one_hot(pick, values.shape[-1], self.on, self.off) > 0
             values = ops.masked_fill(values, taken, float("-inf"))
-        return ops.stack(picks, -1)
+        return ops.concat(picks, -1)  # (Stack of 1-D picks fails semi-auto parallel's operator init on Ascend)
 
     def route(self, logits):
         """Router logits [T, E] -> (weights, indices, scores, logits, counts)."""

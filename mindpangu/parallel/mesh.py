@@ -11,13 +11,26 @@ from ..config.schema import MeshConfig
 
 @dataclass(frozen=True)
 class Mesh:
+    """A cluster, plus the few efficiency constants the simulator (mindpangu/sim) turns FLOPs and bytes into
+    seconds with, the same for every prediction on it: a GEMM of F FLOPs runs at
+    ``gemm_max_eff * F / (F + gemm_half_flops)`` of the peak (small GEMMs do not fill the device), and a collective
+    moves its bytes at ``bandwidth x intra_eff`` inside a node, ``x inter_eff`` between nodes. Memory-bound work
+    (norms, softmax, activations, residuals), which is not counted in FLOPs, scales like the tensor-parallel
+    traffic (b x s x h bytes per layer) and is folded into ``intra_eff``."""
     name: str
     nodes: int
     devices_per_node: int
     peak_tflops: float      # dense fp16 / bf16 per device
     hbm_gb: float
-    intra_node_gbps: float  # GB/s per device
+    intra_node_gbps: float  # GB/s per device, one direction
     inter_node_gbps: float
+    gemm_max_eff: float = 0.85
+    gemm_half_flops: float = 2e10
+    intra_eff: float = 0.25
+    inter_eff: float = 0.5
+
+    def gemm_efficiency(self, flops: float) -> float:
+        return self.gemm_max_eff * flops / (flops + self.gemm_half_flops)
 
     @property
     def devices(self) -> int:
@@ -39,6 +52,10 @@ PRESETS: Dict[str, Mesh] = {
     "atlas_800t_a2": Mesh("atlas_800t_a2", 1, 8, 256.0, 64.0, 392.0, 25.0),
     # 48 servers x 8 Ascend 910C (2 dies: 2 x 400 TFLOPS, 2 x 64 GB) on one unified bus of ~200 GB/s per device.
     "cloudmatrix_384": Mesh("cloudmatrix_384", 48, 8, 800.0, 128.0, 200.0, 200.0),
+    # DGX A100 80GB, for validation against published GPU runs: NVLink 3 (300 GB/s per direction), 8 x 200 Gb/s
+    # HDR InfiniBand. Its efficiency constants reproduce Korthikanti et al. 2022 Table 5 (docs/simulator.md); the
+    # Ascend presets use the same until an Ascend measurement pins them.
+    "a100_80gb": Mesh("a100_80gb", 1, 8, 312.0, 80.0, 300.0, 25.0),
 }
 
 
@@ -55,6 +72,6 @@ def resolve_mesh(cfg: Optional[MeshConfig] = None, name: str = "", devices: int 
     mesh = replace(base, **fields)
     if mesh.devices_per_node <= 0:
         raise ConfigError("mesh.devices_per_node", "is needed when no mesh.preset is given", value=0,
-                          allowed="a positive integer, or mesh.preset: atlas_800t_a2 | cloudmatrix_384")
+                          allowed="a positive integer, or mesh.preset: " + " | ".join(PRESETS))
     nodes = cfg.nodes or (-(-devices // mesh.devices_per_node) if devices else mesh.nodes) or 1
     return replace(mesh, nodes=nodes)

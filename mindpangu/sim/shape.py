@@ -6,7 +6,7 @@ dense transformers (MHA or GQA, a SwiGLU or 4h-GELU MLP) such as the Megatron GP
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Tuple
 
 from ..config.schema import ModelConfig
 
@@ -46,6 +46,24 @@ class ModelShape:
     @property
     def num_moe(self) -> int:
         return self.layers - self.num_dense
+
+    def parameters(self) -> Tuple[float, float]:
+        """(parameters outside the routed experts, routed-expert parameters), embedding and head included."""
+        h, n = self.hidden, self.heads
+        if self.attention == "mla":
+            dqk = self.qk_nope_head_dim + self.qk_rope_head_dim
+            q = h * self.q_lora_rank + self.q_lora_rank * n * dqk if self.q_lora_rank else h * n * dqk
+            attn = q + h * (self.kv_lora_rank + self.qk_rope_head_dim) \
+                + self.kv_lora_rank * n * (self.qk_nope_head_dim + self.v_head_dim) + n * self.v_head_dim * h
+        else:
+            d = self.head_dim or h // n
+            attn = 2 * h * n * d + 2 * h * (self.kv_heads or n) * d
+        mats = 3 if self.mlp == "swiglu" else 2
+        dense = self.layers * attn + self.num_dense * mats * h * self.ffn
+        dense += self.num_moe * (h * self.experts + mats * h * self.shared_ffn)
+        dense += self.vocab * h * (1 if self.tied_embeddings else 2)
+        experts = self.num_moe * self.experts * mats * h * self.expert_ffn
+        return float(dense), float(experts)
 
     @classmethod
     def dense_gpt(cls, layers: int, hidden: int, heads: int, vocab: int, mlp: str = "gelu",

@@ -1,0 +1,129 @@
+"""Step time of a layout: compute, exposed communication and pipeline bubble, per micro-batch on the critical
+(last) stage, turned into a step by the pipeline schedule.
+
+Model (every assumption here is also in docs/simulator.md):
+- **Compute.** Each component's training FLOPs (``flops.forward_flops_per_token`` x 3, plus recompute) on one
+  device, at the mesh's GEMM efficiency for that component's GEMM size (``Mesh.gemm_efficiency``). TP divides
+  attention heads, the dense MLP, the shared experts and the vocabulary; EP spreads the routed experts, whose
+  GEMMs hold ``tokens x k x ep / E`` rows; an ``imbalance`` multiplier (1 + the imbalance score, or MaxVio)
+  stretches the expert compute and all-to-all, because the busiest device sets the pace.
+- **Communication**, ring collectives at ``bandwidth x efficiency`` of the tier the group spans (inside a node if
+  the group's devices fit in one): TP with sequence parallelism 4 all-gathers + 4 reduce-scatters of the layer's
+  activations per micro-batch (forward and backward), without SP 4 all-reduces; EP 4 all-to-alls (dispatch and
+  combine, forward and backward); CP the key/value ring (forward and backward); PP one send forward and one
+  backward per chunk boundary; DP the gradient reduce-scatter and parameter all-gather once per step, overlapped
+  with the backward pass except ``dp_exposed`` of it. Nothing else overlaps (Megatron 2022 behaviour).
+- **Pipeline.** ``step = t_mb x (m + (p - 1) / v)`` for m micro-batches per DP rank, p stages, v chunks
+  (1F1B / interleaved 1F1B), plus the exposed DP traffic.
+- **MFU** uses model FLOPs with the full attention square (Megatron's convention, so published MFUs compare).
+Not modelled: the optimizer step, kernel launch gaps, stragglers, and overlap of TP/EP communication with compute.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Dict
+
+from ..parallel.mesh import Mesh
+from ..parallel.plan import Layout
+from .flops import forward_flops_per_token, training_flops
+from .shape import ModelShape
+
+BYTES = 2  # bf16 activations and gradients on the wire
+
+
+@dataclass(frozen=True)
+class Run:
+    """What a step trains: ``global_batch`` sequences of ``seq`` tokens in micro-batches of ``micro_batch``."""
+    seq: int
+    global_batch: int
+    micro_batch: int = 1
+    recompute: str = "selective"      # none | selective | full
+    sequence_parallel: bool = True
+    imbalance: float = 1.0            # expert load multiplier on the busiest device (1 = balanced)
+    dp_exposed: float = 0.1           # share of the DP gradient / parameter traffic not hidden behind backward
+
+
+def _ring(bytes_: float, n: int, gbps: float) -> float:
+    """Seconds of a ring all-gather or reduce-scatter of ``bytes_`` (the full tensor) over ``n`` devices."""
+    return 0.0 if n <= 1 else (n - 1) / n * bytes_ / (gbps * 1e9)
+
+
+def _tier(mesh: Mesh, span: int) -> float:
+    """Effective GB/s of a group whose devices span ``span`` consecutive ranks."""
+    if span <= mesh.devices_per_node:
+        return mesh.intra_node_gbps * mesh.intra_eff
+    return mesh.inter_node_gbps * mesh.inter_eff
+
+
+def simulate_step(shape: ModelShape, layout: Layout, mesh: Mesh, run: Run) -> Dict[str, float]:
+    """Seconds per step and its split for ``shape`` under ``layout`` on ``mesh``: compute, tp / ep / cp / pp / dp
+    communication, bubble, step, tokens_per_s, mfu; plus the critical stage's layers and the micro-batch count.
+    Raises ValueError when the batch does not divide into micro-batches over the DP ranks."""
+    tp, pp, v, cp, ep, dp = layout.tp, layout.pp, layout.vpp, layout.cp, layout.ep, layout.dp
+    per_rank = run.global_batch / dp
+    m = int(per_rank // run.micro_batch)
+    if m < 1 or per_rank % run.micro_batch:
+        raise ValueError(f"global batch {run.global_batch} over {dp} DP ranks is not a whole number of "
+                         f"micro-batches of {run.micro_batch}")
+    tokens = run.micro_batch * run.seq / cp  # per device per micro-batch, before TP
+    layers = -(-shape.layers // pp)          # the critical (last) stage's decoder layers
+    dense_share = shape.num_dense / shape.layers if shape.layers else 0.0
+    per_token = forward_flops_per_token(shape, run.seq, causal=True)
+    # FLOPs per decoder layer of each component, and the GEMM each runs as (for its efficiency)
+    h = shape.hidden
+    d_attn = shape.heads * (shape.head_dim or h // shape.heads)
+    parts = {
+        "attention projections": (per_token["attention projections"] / shape.layers, 2 * tokens * h * d_attn / tp, tp),
+        "attention scores and values": (per_token["attention scores and values"] / shape.layers,
+                                        2 * tokens * run.seq * d_attn / tp, tp),
+        "dense MLP": (per_token["dense MLP"] / max(shape.num_dense, 1) * dense_share, 2 * tokens * h * shape.ffn / tp,
+                      tp),
+    }
+    if shape.experts:
+        moe_share = shape.num_moe / shape.layers
+        rows = tokens * shape.top_k * ep / shape.experts
+        parts["router"] = (per_token["router"] / shape.num_moe * moe_share, 2 * tokens * h * shape.experts, 1)
+        parts["routed experts"] = (per_token["routed experts"] / shape.num_moe * moe_share * run.imbalance,
+                                   2 * rows * h * shape.expert_ffn, tp)
+        if shape.shared_ffn:
+            parts["shared experts"] = (per_token["shared experts"] / shape.num_moe * moe_share,
+                                       2 * tokens * h * shape.shared_ffn / tp, tp)
+    factor = {"none": 3.0, "selective": 3.0, "full": 4.0}[run.recompute]
+    compute = 0.0
+    for name, (flops, gemm, split) in parts.items():
+        extra = 1.0 if run.recompute == "selective" and name == "attention scores and values" else 0.0
+        compute += (factor + extra) * flops * tokens * layers / split / (mesh.peak_tflops * 1e12
+                                                                         * mesh.gemm_efficiency(gemm))
+    head = 3 * 2.0 * h * shape.vocab * tokens / tp
+    compute += head / (mesh.peak_tflops * 1e12 * mesh.gemm_efficiency(2 * tokens * h * shape.vocab / tp))
+    act = tokens * h * BYTES
+    passes = 3 if run.recompute == "full" else 2  # forward and backward (and the recomputed forward)
+    # two places per layer (attention, MLP) per pass; each an all-reduce, or with SP an all-gather + a
+    # reduce-scatter: the same ring volume (Korthikanti et al. 2022 section 4.2.2)
+    tp_comm = passes * 2 * 2 * _ring(act, tp, _tier(mesh, tp)) * layers
+    span_ep = tp * ep if layout.order.index("ep") > layout.order.index("tp") else ep
+    moe_layers = layers * (shape.num_moe / shape.layers) if shape.experts else 0.0
+    ep_comm = 0.0
+    if ep > 1 and moe_layers:
+        a2a = tokens * shape.top_k * h * BYTES / tp * (ep - 1) / ep
+        ep_comm = 4 * a2a / (_tier(mesh, span_ep) * 1e9) * moe_layers * run.imbalance
+    cp_comm = 0.0
+    if cp > 1:
+        kv = 2 * tokens * d_attn * BYTES / tp
+        cp_comm = 3 * (cp - 1) * kv / (_tier(mesh, tp * cp) * 1e9) * layers
+    pp_comm = 2 * v * (act / (tp if run.sequence_parallel else 1)) / (_tier(mesh, tp * cp * dp * 2) * 1e9) \
+        if pp > 1 else 0.0
+    t_mb = compute + tp_comm + ep_comm + cp_comm + pp_comm
+    bubble = t_mb * (pp - 1) / v if pp > 1 else 0.0
+    dense_params, expert_params = shape.parameters()
+    expert_dp = dp * tp * cp // ep
+    dp_comm = run.dp_exposed * 2 * (_ring(dense_params / (tp * pp) * BYTES, dp * cp, _tier(mesh, tp * cp * dp))
+                                    + _ring(expert_params / (ep * pp) * BYTES, expert_dp, _tier(mesh, layout.world)))
+    step = t_mb * m + bubble + dp_comm
+    model_flops = training_flops(shape, run.global_batch * run.seq, run.seq, causal=False)
+    devices = layout.world
+    return {"compute_s": compute * m, "tp_comm_s": tp_comm * m, "ep_comm_s": ep_comm * m, "cp_comm_s": cp_comm * m,
+            "pp_comm_s": pp_comm * m, "dp_comm_s": dp_comm, "bubble_s": bubble, "step_s": step,
+            "tokens_per_s": run.global_batch * run.seq / step, "mfu": model_flops / (step * devices *
+                                                                                    mesh.peak_tflops * 1e12),
+            "micro_batches": m, "stage_layers": layers, "bubble_over_total": bubble / step}
