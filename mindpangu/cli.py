@@ -288,6 +288,12 @@ def simulate_main(argv=None):
     p.add_argument("--devices", type=int, default=0, help="devices (default: the layout's world size)")
     p.add_argument("--imbalance", type=float, default=1.0,
                    help="expert load on the busiest device over the mean (1 + imbalance score); default 1")
+    p.add_argument("--search", action="store_true",
+                   help="rank every valid layout that fits on --devices by predicted tokens/s")
+    p.add_argument("--top", type=int, default=10, help="search: layouts to print")
+    p.add_argument("--write", default="", help="search: write the winner as a mindpangu recipe (and, with "
+                                               "--write-mindformers, a mindformers YAML)")
+    p.add_argument("--write-mindformers", default="", help="search: the winner as a mindformers YAML")
     args = p.parse_intermixed_args(argv)
     from .config import load_config
     from .parallel import Layout, resolve_mesh
@@ -297,8 +303,18 @@ def simulate_main(argv=None):
     mesh_cfg = cfg.mesh
     if not (args.mesh or mesh_cfg.preset or mesh_cfg.devices_per_node):
         mesh_cfg.preset = "atlas_800t_a2"
-    mesh = resolve_mesh(mesh_cfg, args.mesh, args.devices or Layout.from_config(cfg).world)
-    print(format_report(simulate_config(cfg, mesh, args.imbalance), mesh))
+    devices = args.devices or Layout.from_config(cfg).world
+    mesh = resolve_mesh(mesh_cfg, args.mesh, devices)
+    if not args.search:
+        print(format_report(simulate_config(cfg, mesh, args.imbalance), mesh))
+        return
+    from .sim.search import format_search, search, write_winner
+
+    fits, tried = search(cfg, mesh, devices, args.imbalance)
+    print(format_search(fits, tried, Layout.from_config(cfg), mesh, devices, args.top))
+    if fits and (args.write or args.write_mindformers):
+        for path in write_winner(fits[0], args.config, args.overrides, args.write, args.write_mindformers):
+            print(f"wrote {path}")
 
 
 @_friendly

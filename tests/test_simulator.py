@@ -81,3 +81,26 @@ def test_step_time_within_ten_percent_of_megatron(name):
     assert out["step_s"] == pytest.approx(seconds, rel=0.10)
     parts = sum(out[k] for k in ("compute_s", "tp_comm_s", "pp_comm_s", "bubble_s", "dp_comm_s"))
     assert parts == pytest.approx(out["step_s"], rel=1e-9)  # the split adds up
+
+
+def test_search_ranks_valid_fitting_layouts_and_writes_a_recipe_that_loads(tmp_path):
+    from mindpangu.parallel import check_layout, resolve_mesh
+    from mindpangu.parallel.plan import Layout
+    from mindpangu.sim.search import search, write_winner
+
+    overrides = ["parallel_config.data_parallel=2", "parallel_config.model_parallel=2",
+                 "parallel_config.expert_parallel=2", "parallel_config.pipeline_stage=2",
+                 "parallel_config.micro_batch_num=4", "runner_config.batch_size=2"]
+    cfg = mp.load_config(ULTRA_TINY, overrides)
+    mesh = resolve_mesh(cfg.mesh, "a100_80gb", 8)
+    fits, tried = search(cfg, mesh, 8)
+    assert tried >= len(fits) > 10
+    speeds = [c.step["tokens_per_s"] for c in fits]
+    assert speeds == sorted(speeds, reverse=True)
+    own = next(c for c in fits if c.layout == Layout.from_config(cfg))
+    assert speeds[0] >= own.step["tokens_per_s"]
+    for c in fits[:5]:  # every candidate keeps the recipe's tokens per step
+        assert c.layout.dp * c.micro_batch * c.step["micro_batches"] == 2 * 2 * 4
+    (path,) = write_winner(fits[0], ULTRA_TINY, overrides, str(tmp_path / "best.yaml"), "")
+    best = mp.load_config(path)  # a recipe that loads, with the winner's layout, valid on the 8 devices
+    assert check_layout(best, 8) == fits[0].layout
