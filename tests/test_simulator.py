@@ -104,3 +104,21 @@ def test_search_ranks_valid_fitting_layouts_and_writes_a_recipe_that_loads(tmp_p
     (path,) = write_winner(fits[0], ULTRA_TINY, overrides, str(tmp_path / "best.yaml"), "")
     best = mp.load_config(path)  # a recipe that loads, with the winner's layout, valid on the 8 devices
     assert check_layout(best, 8) == fits[0].layout
+
+
+# Korthikanti et al. 2022 Fig. 1 (GiB per GPU): activations with no parallelism tricks and with sequence parallel +
+# selective recompute, for the Table 5 layouts
+KORTHIKANTI_FIG1 = {"22B": (59.25, 9.5625), "175B": (66.84, 12.35), "530B": (114.02, 23.08), "1T": (131.25, 26.56)}
+
+
+@pytest.mark.parametrize("name", list(KORTHIKANTI_FIG1))
+def test_activation_memory_matches_korthikanti_figure_1(name):
+    from mindpangu.sim.memory import activation_bytes
+
+    layers, hidden, heads, *_ = MEGATRON[name]
+    tp, pp, vpp, mbs = MEGATRON_LAYOUTS[name]
+    none, seq_sel = KORTHIKANTI_FIG1[name]
+    common = dict(seq=2048, micro_batch=mbs, hidden=hidden, heads=heads, layers=layers, tp=tp, pp=pp, vpp=vpp)
+    assert activation_bytes(**common) / 2 ** 30 == pytest.approx(none, rel=0.005)
+    assert activation_bytes(**common, sequence_parallel=True, recompute="selective") / 2 ** 30 == \
+        pytest.approx(seq_sel, rel=0.005)

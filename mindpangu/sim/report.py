@@ -7,6 +7,7 @@ from ..config.schema import TrainConfig
 from ..parallel.memory import GB, stage_memory
 from ..parallel.mesh import Mesh
 from ..parallel.plan import check_layout, stage_plan
+from .memory import state_bytes_per_parameter
 from .pipeline import bubble_fractions
 from .shape import ModelShape
 from .step import Run, simulate_step
@@ -35,8 +36,11 @@ def simulate_config(cfg: TrainConfig, mesh: Mesh, imbalance: float = 1.0) -> Dic
     worst = max(memory, key=lambda m: m["total"])
     m = step["micro_batches"]
     bubbles = bubble_fractions(layout.pp, m, layout.vpp) if layout.vpp == 1 or m % layout.pp == 0 else {}
+    dense, experts = ModelShape.from_config(cfg.model).parameters()
+    per_device = dense / (layout.tp * layout.pp) + experts / (layout.ep * layout.expert_tp * layout.pp)
+    megatron = per_device * state_bytes_per_parameter(layout.dp * layout.cp, cfg.parallel_config.optimizer_shard)
     return {"layout": layout, "run": run, "step": step, "memory": memory, "worst_stage": worst["stage"],
-            "fits": worst["total"] <= 0.9 * mesh.hbm_gb * GB, "bubbles": bubbles}
+            "fits": worst["total"] <= 0.9 * mesh.hbm_gb * GB, "bubbles": bubbles, "megatron_states_gb": megatron / GB}
 
 
 def format_report(result: Dict, mesh: Mesh) -> str:
@@ -57,5 +61,7 @@ def format_report(result: Dict, mesh: Mesh) -> str:
                      f"{100 * b['bubble_over_ideal']:.2f} % of the ideal time (Megatron's)")
     worst = result["memory"][result["worst_stage"]]
     lines.append(f"memory  {worst['total'] / GB:.1f} GB on stage {result['worst_stage']} (the fullest) of "
-                 f"{mesh.hbm_gb:g} GB: {'fits' if result['fits'] else 'does NOT fit'} (90 % budget)")
+                 f"{mesh.hbm_gb:g} GB: {'fits' if result['fits'] else 'does NOT fit'} (90 % budget); weights, "
+                 f"gradients and optimizer {(worst['weights'] + worst['grads'] + worst['optimizer']) / GB:.1f} GB, "
+                 f"Megatron's convention {result['megatron_states_gb']:.1f} GB")
     return "\n".join(lines)
