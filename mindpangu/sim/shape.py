@@ -32,6 +32,7 @@ class ModelShape:
     top_k: int = 0
     expert_ffn: int = 0
     shared_ffn: int = 0                   # merged shared experts' intermediate size
+    grouped_routing: bool = False         # MoGE: one group of experts per device, K / groups chosen in each
     mtp_layers: int = 0
     tied_embeddings: bool = False
 
@@ -46,6 +47,16 @@ class ModelShape:
     @property
     def num_moe(self) -> int:
         return self.layers - self.num_dense
+
+    def devices_per_token(self, ep: int) -> float:
+        """EP ranks a token's k experts sit on (its all-to-all copies, one per rank as dispatchers that
+        deduplicate send): MoGE with groups spread over the ranks reaches min(k, ep) exactly; top-k over all
+        experts reaches ep (1 - (1 - 1/ep)^k) on average for uniformly random experts."""
+        if ep <= 1:
+            return 1.0
+        if self.grouped_routing:
+            return float(min(self.top_k, ep))
+        return ep * (1 - (1 - 1 / ep) ** self.top_k)
 
     def parameters(self) -> Tuple[float, float]:
         """(parameters outside the routed experts, routed-expert parameters), embedding and head included."""
@@ -81,7 +92,8 @@ class ModelShape:
         common = dict(layers=m.num_layers, hidden=m.hidden_size, heads=m.num_attention_heads, vocab=m.vocab_size,
                       mlp="swiglu", ffn_hidden=m.intermediate_size, dense_layers=m.first_k_dense_replace,
                       experts=e.num_experts, top_k=e.num_experts_per_tok, expert_ffn=e.intermediate_size,
-                      shared_ffn=shared, mtp_layers=m.num_mtp_layers, tied_embeddings=m.tie_word_embeddings)
+                      shared_ffn=shared, mtp_layers=m.num_mtp_layers, tied_embeddings=m.tie_word_embeddings,
+                      grouped_routing=e.router == "moge")
         if m.type == "pangu_pro_moe":
             return cls(attention="mha", kv_heads=m.num_key_value_heads or m.num_attention_heads,
                        head_dim=m.head_dim or m.hidden_size // m.num_attention_heads, **common)

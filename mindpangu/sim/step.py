@@ -10,7 +10,8 @@ Model (every assumption here is also in docs/simulator.md):
 - **Communication**, ring collectives at ``bandwidth x efficiency`` of the tier the group spans (inside a node if
   the group's devices fit in one): TP with sequence parallelism 4 all-gathers + 4 reduce-scatters of the layer's
   activations per micro-batch (forward and backward), without SP 4 all-reduces; EP 4 all-to-alls (dispatch and
-  combine, forward and backward); CP the key/value ring (forward and backward); PP one send forward and one
+  combine, forward and backward), one copy of a token per EP rank its experts sit on
+  (``ModelShape.devices_per_token``, as deduplicating dispatchers send); CP the key/value ring (forward and backward); PP one send forward and one
   backward per chunk boundary; DP the gradient reduce-scatter and parameter all-gather once per step, overlapped
   with the backward pass except ``dp_exposed`` of it. Nothing else overlaps (Megatron 2022 behaviour).
 - **Pipeline.** ``step = t_mb x (m + (p - 1) / v)`` for m micro-batches per DP rank, p stages, v chunks
@@ -105,7 +106,7 @@ def simulate_step(shape: ModelShape, layout: Layout, mesh: Mesh, run: Run) -> Di
     moe_layers = layers * (shape.num_moe / shape.layers) if shape.experts else 0.0
     ep_comm = 0.0
     if ep > 1 and moe_layers:
-        a2a = tokens * shape.top_k * h * BYTES / tp * (ep - 1) / ep
+        a2a = tokens * shape.devices_per_token(ep) * h * BYTES / tp * (ep - 1) / ep
         ep_comm = 4 * a2a / (_tier(mesh, span_ep) * 1e9) * moe_layers * run.imbalance
     cp_comm = 0.0
     if cp > 1:
