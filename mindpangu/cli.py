@@ -288,6 +288,8 @@ def simulate_main(argv=None):
     p.add_argument("--devices", type=int, default=0, help="devices (default: the layout's world size)")
     p.add_argument("--imbalance", type=float, default=1.0,
                    help="expert load on the busiest device over the mean (1 + imbalance score); default 1")
+    p.add_argument("--ep-a2a", default="flat", choices=["flat", "hierarchical"],
+                   help="EP all-to-all across nodes: flat rings, or once per node then inside it (default flat)")
     p.add_argument("--search", action="store_true",
                    help="rank every valid layout that fits on --devices by predicted tokens/s")
     p.add_argument("--top", type=int, default=10, help="search: layouts to print")
@@ -306,11 +308,11 @@ def simulate_main(argv=None):
     devices = args.devices or Layout.from_config(cfg).world
     mesh = resolve_mesh(mesh_cfg, args.mesh, devices)
     if not args.search:
-        print(format_report(simulate_config(cfg, mesh, args.imbalance), mesh))
+        print(format_report(simulate_config(cfg, mesh, args.imbalance, args.ep_a2a), mesh))
         return
     from .sim.search import format_search, search, write_winner
 
-    fits, tried = search(cfg, mesh, devices, args.imbalance)
+    fits, tried = search(cfg, mesh, devices, args.imbalance, args.ep_a2a)
     print(format_search(fits, tried, Layout.from_config(cfg), mesh, devices, args.top))
     if fits and (args.write or args.write_mindformers):
         for path in write_winner(fits[0], args.config, args.overrides, args.write, args.write_mindformers):

@@ -373,6 +373,14 @@ class MeshConfig(Section):
     hbm_gb: float = option(0.0, "Device memory, GB (0: the preset's).", ge=0.0)
     intra_node_gbps: float = option(0.0, "Per-device bandwidth inside a node, GB/s (0: the preset's).", ge=0.0)
     inter_node_gbps: float = option(0.0, "Per-device bandwidth between nodes, GB/s (0: the preset's).", ge=0.0)
+    gemm_max_eff: float = option(0.0, "Simulator: the best fraction of peak a large GEMM reaches (0: the "
+                                      "preset's, 0.85).", ge=0.0, le=1.0)
+    gemm_half_flops: float = option(0.0, "Simulator: GEMM size in FLOPs that reaches half of gemm_max_eff (0: the "
+                                         "preset's, 2e10).", ge=0.0)
+    intra_eff: float = option(0.0, "Simulator: fraction of the intra-node rate collectives get, memory-bound ops "
+                                   "included (0: the preset's, 0.25).", ge=0.0, le=1.0)
+    inter_eff: float = option(0.0, "Simulator: fraction of the inter-node rate collectives get (0: the preset's, "
+                                   "0.5).", ge=0.0, le=1.0)
 
 
 @dataclass(frozen=True)

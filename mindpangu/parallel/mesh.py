@@ -68,7 +68,8 @@ def resolve_mesh(cfg: Optional[MeshConfig] = None, name: str = "", devices: int 
         raise ConfigError("mesh.preset", "unknown mesh", value=preset, allowed=", ".join(PRESETS))
     base = PRESETS[preset] if preset else Mesh("custom", 0, 0, 0.0, 0.0, 0.0, 0.0)
     fields = {k: getattr(cfg, k) for k in ("devices_per_node", "peak_tflops", "hbm_gb", "intra_node_gbps",
-                                           "inter_node_gbps") if getattr(cfg, k)}
+                                           "inter_node_gbps", "gemm_max_eff", "gemm_half_flops", "intra_eff",
+                                           "inter_eff") if getattr(cfg, k)}
     mesh = replace(base, **fields)
     if mesh.devices_per_node <= 0:
         raise ConfigError("mesh.devices_per_node", "is needed when no mesh.preset is given", value=0,

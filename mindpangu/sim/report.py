@@ -24,12 +24,12 @@ def run_of(cfg: TrainConfig) -> Run:
                micro_batch=r.batch_size, recompute=recompute, sequence_parallel=p.use_seq_parallel)
 
 
-def simulate_config(cfg: TrainConfig, mesh: Mesh, imbalance: float = 1.0) -> Dict:
+def simulate_config(cfg: TrainConfig, mesh: Mesh, imbalance: float = 1.0, ep_a2a: str = "flat") -> Dict:
     """Step prediction, memory per stage and whether it fits, for the recipe's own layout on ``mesh``."""
     from dataclasses import replace
 
     layout = check_layout(cfg, mesh.devices)
-    run = replace(run_of(cfg), imbalance=imbalance)
+    run = replace(run_of(cfg), imbalance=imbalance, ep_a2a=ep_a2a)
     step = simulate_step(ModelShape.from_config(cfg.model), layout, mesh, run)
     plan = stage_plan(cfg, layout)
     memory = [stage_memory(cfg, layout, plan, s) for s in range(layout.pp)]

@@ -45,7 +45,8 @@ def _divisors(n: int) -> List[int]:
     return [d for d in range(1, n + 1) if n % d == 0]
 
 
-def search(cfg: TrainConfig, mesh: Mesh, devices: int, imbalance: float = 1.0) -> Tuple[List[Candidate], int]:
+def search(cfg: TrainConfig, mesh: Mesh, devices: int, imbalance: float = 1.0,
+           ep_a2a: str = "flat") -> Tuple[List[Candidate], int]:
     """(layouts that fit, fastest first; number of valid layouts tried)."""
     m = cfg.model
     base = run_of(cfg)
@@ -78,7 +79,7 @@ def search(cfg: TrainConfig, mesh: Mesh, devices: int, imbalance: float = 1.0) -
                                 if mem > 0.9 * mesh.hbm_gb * GB:
                                     continue
                                 run = replace(base, micro_batch=mbs, recompute="full" if recompute else "none",
-                                              sequence_parallel=tp > 1, imbalance=imbalance)
+                                              sequence_parallel=tp > 1, imbalance=imbalance, ep_a2a=ep_a2a)
                                 step = simulate_step(shape, layout, mesh, run)
                                 fits.append(Candidate(layout, mbs, recompute, step, mem / GB))
     fits.sort(key=lambda c: -c.step["tokens_per_s"])

@@ -48,15 +48,19 @@ class ModelShape:
     def num_moe(self) -> int:
         return self.layers - self.num_dense
 
+    def groups_per_token(self, groups: int) -> float:
+        """Of ``groups`` equal groups of EP ranks (e.g. nodes), how many hold at least one of a token's experts."""
+        if groups <= 1:
+            return 1.0
+        if self.grouped_routing:
+            return float(min(self.top_k, groups))
+        return groups * (1 - (1 - 1 / groups) ** self.top_k)
+
     def devices_per_token(self, ep: int) -> float:
         """EP ranks a token's k experts sit on (its all-to-all copies, one per rank as dispatchers that
         deduplicate send): MoGE with groups spread over the ranks reaches min(k, ep) exactly; top-k over all
         experts reaches ep (1 - (1 - 1/ep)^k) on average for uniformly random experts."""
-        if ep <= 1:
-            return 1.0
-        if self.grouped_routing:
-            return float(min(self.top_k, ep))
-        return ep * (1 - (1 - 1 / ep) ** self.top_k)
+        return self.groups_per_token(ep)
 
     def parameters(self) -> Tuple[float, float]:
         """(parameters outside the routed experts, routed-expert parameters), embedding and head included."""

@@ -8,12 +8,16 @@ Model (every assumption here is also in docs/simulator.md):
   GEMMs hold ``tokens x k x ep / E`` rows; an ``imbalance`` multiplier (1 + the imbalance score, or MaxVio)
   stretches the expert compute and all-to-all, because the busiest device sets the pace.
 - **Communication**, ring collectives at ``bandwidth x efficiency`` of the tier the group spans (inside a node if
-  the group's devices fit in one): TP with sequence parallelism 4 all-gathers + 4 reduce-scatters of the layer's
-  activations per micro-batch (forward and backward), without SP 4 all-reduces; EP 4 all-to-alls (dispatch and
-  combine, forward and backward), one copy of a token per EP rank its experts sit on
-  (``ModelShape.devices_per_token``, as deduplicating dispatchers send); CP the key/value ring (forward and backward); PP one send forward and one
-  backward per chunk boundary; DP the gradient reduce-scatter and parameter all-gather once per step, overlapped
-  with the backward pass except ``dp_exposed`` of it. Nothing else overlaps (Megatron 2022 behaviour).
+  the group's devices fit in one):
+  - TP with sequence parallelism: 4 all-gathers + 4 reduce-scatters of the layer's activations per micro-batch
+    (forward and backward); without SP 4 all-reduces, the same volume;
+  - EP: 4 all-to-alls (dispatch and combine, forward and backward), one copy of a token per EP rank its experts
+    sit on (``ModelShape.devices_per_token``, as deduplicating dispatchers send); flat over the group's tier, or
+    hierarchical (``Run.ep_a2a``: once per destination node over the network, then fanned out inside the node);
+  - CP: the key/value ring (forward and backward); PP: one send forward and one backward per chunk boundary;
+  - DP: the gradient reduce-scatter and parameter all-gather once per step, overlapped with the backward pass
+    except ``dp_exposed`` of it.
+  Nothing else overlaps (Megatron 2022 behaviour).
 - **Pipeline.** ``step = t_mb x (m + (p - 1) / v)`` for m micro-batches per DP rank, p stages, v chunks
   (1F1B / interleaved 1F1B), plus the exposed DP traffic.
 - **MFU** uses model FLOPs with the full attention square (Megatron's convention, so published MFUs compare).
@@ -41,6 +45,7 @@ class Run:
     recompute: str = "selective"      # none | selective | full
     sequence_parallel: bool = True
     imbalance: float = 1.0            # expert load multiplier on the busiest device (1 = balanced)
+    ep_a2a: str = "flat"              # flat | hierarchical (across nodes once per node, then inside the node)
     dp_exposed: float = 0.1           # share of the DP gradient / parameter traffic not hidden behind backward
 
 
@@ -106,8 +111,17 @@ def simulate_step(shape: ModelShape, layout: Layout, mesh: Mesh, run: Run) -> Di
     moe_layers = layers * (shape.num_moe / shape.layers) if shape.experts else 0.0
     ep_comm = 0.0
     if ep > 1 and moe_layers:
-        a2a = tokens * shape.devices_per_token(ep) * h * BYTES / tp * (ep - 1) / ep
-        ep_comm = 4 * a2a / (_tier(mesh, span_ep) * 1e9) * moe_layers * run.imbalance
+        token_bytes = tokens * h * BYTES / tp
+        nodes = max(1, span_ep // mesh.devices_per_node)
+        if run.ep_a2a == "hierarchical" and nodes > 1:
+            # one copy per destination node over the network, then fanned out to the ranks inside the node
+            per_node = ep // nodes
+            inter = token_bytes * shape.groups_per_token(nodes) * (nodes - 1) / nodes
+            intra = token_bytes * shape.devices_per_token(ep) * (per_node - 1) / per_node if per_node > 1 else 0.0
+            one = inter / (_tier(mesh, span_ep) * 1e9) + intra / (_tier(mesh, 1) * 1e9)
+        else:
+            one = token_bytes * shape.devices_per_token(ep) * (ep - 1) / ep / (_tier(mesh, span_ep) * 1e9)
+        ep_comm = 4 * one * moe_layers * run.imbalance
     cp_comm = 0.0
     if cp > 1:
         kv = 2 * tokens * d_attn * BYTES / tp
