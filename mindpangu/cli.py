@@ -117,26 +117,29 @@ def convert_main(argv=None):
     b.add_argument("--max-shard-size", default="5GB",
                    help="largest safetensors file, e.g. 5GB, 500MB (default 5GB; more shards get an index)")
     args = p.parse_args(argv)
-    from .convert.checkpoint import load_ms_checkpoint, save_ms_checkpoint
-    from .convert.hf import assign, load_hf_directory, save_hf_directory
+    from .convert.checkpoint import OPTIMIZER_STATE, checkpoint_config, load_ms_checkpoint, save_ms_checkpoint
+    from .convert.hf import assign, check_names, check_shape, load_hf_directory, save_hf_directory
     from .models import build_model
 
-    if args.direction == "hf-to-ms":
+    if args.direction == "hf-to-ms":  # streamed into the model, tensor by tensor
         cfg, params = load_hf_directory(args.hf)
-        source = args.hf
-    else:
-        cfg, params = load_ms_checkpoint(args.ckpt, args.config)
-        source = args.ckpt
-    model = build_model(cfg, init=False)
-    assign(model, params, source)
-    count = sum(int(p.size) for p in model.get_parameters())
-    if args.direction == "hf-to-ms":
+        model = build_model(cfg, init=False)
+        assign(model, params, args.hf)
         save_ms_checkpoint(model, cfg, args.out)
-        print(f"wrote {args.out} ({count:,} parameters)")
-    else:
-        dtype = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}.get(args.dtype, args.dtype)
-        files = save_hf_directory(model, cfg, args.out, dtype, args.max_shard_size)
-        print(f"wrote {args.out} ({count:,} parameters, {dtype}, {len(files)} safetensors file(s))")
+        print(f"wrote {args.out} ({sum(int(p.size) for p in model.get_parameters()):,} parameters)")
+        return
+    # ms-to-hf: the model is built only to learn its names and shapes, then written from the checkpoint itself
+    cfg = checkpoint_config(args.ckpt, args.config)
+    shapes = {p.name: tuple(p.shape) for p in build_model(cfg, init=False).get_parameters()}
+    _, params = load_ms_checkpoint(args.ckpt, args.config)
+    params = {k: v for k, v in params.items() if not k.startswith(OPTIMIZER_STATE)}
+    check_names(shapes, params, args.ckpt)
+    for name, value in params.items():
+        check_shape(name, value, shapes[name], args.ckpt)
+    dtype = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}.get(args.dtype, args.dtype)
+    files = save_hf_directory(params, cfg, args.out, dtype, args.max_shard_size)
+    print(f"wrote {args.out} ({sum(v.size for v in params.values()):,} parameters, {dtype}, "
+          f"{len(files)} safetensors file(s))")
 
 
 def _weights_args(p: argparse.ArgumentParser) -> None:

@@ -10,6 +10,9 @@ import yaml
 from ..config import ModelConfig, load_config
 
 
+OPTIMIZER_STATE = ("adam_m.", "adam_v.", "adam_step")  # what a training checkpoint holds beside the weights
+
+
 def config_path_for(ckpt: str) -> str:
     """The YAML that describes a checkpoint's model: ``x.ckpt`` -> ``x.yaml``."""
     return os.path.splitext(ckpt)[0] + ".yaml"
@@ -30,16 +33,21 @@ def save_ms_checkpoint(model, cfg: ModelConfig, path: str) -> None:
     os.replace(tmp, path)
 
 
-def load_ms_checkpoint(path: str, config: str = "") -> Tuple[ModelConfig, Dict[str, np.ndarray]]:
-    """(model config, {name: array}) from a .ckpt and its YAML (``config`` or the one beside it)."""
-    import mindspore as ms
-
+def checkpoint_config(path: str, config: str = "") -> ModelConfig:
+    """The model config of a .ckpt: ``config`` or the YAML beside it."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint '{path}' does not exist")
     config = config or config_path_for(path)
     if not os.path.isfile(config):
         raise FileNotFoundError(f"no model config for '{path}': pass --config or keep '{config}' beside it")
-    cfg = load_config(config).model
+    return load_config(config).model
+
+
+def load_ms_checkpoint(path: str, config: str = "") -> Tuple[ModelConfig, Dict[str, np.ndarray]]:
+    """(model config, {name: array}) from a .ckpt and its YAML (``config`` or the one beside it)."""
+    import mindspore as ms
+
+    cfg = checkpoint_config(path, config)
     try:
         params = ms.load_checkpoint(path)
     except Exception as e:  # MindSpore raises ValueError/RuntimeError on a corrupt file

@@ -334,23 +334,32 @@ def load_hf_directory(path: str, overrides: Optional[Dict[str, Any]] = None) -> 
     return cfg, hf_to_internal(names, reader.get, cfg)
 
 
+def check_names(expected: Iterable[str], params: Mapping, source: str) -> None:
+    """ValueError naming the missing and unexpected tensors when ``params`` does not hold exactly ``expected``."""
+    expected = set(expected)
+    missing = sorted(expected - set(params))
+    unexpected = sorted(set(params) - expected)
+    if missing or unexpected:
+        raise ValueError(f"weights in '{source}' do not match the model: missing {missing[:6]}"
+                         f"{' ...' if len(missing) > 6 else ''}; unexpected {unexpected[:6]}"
+                         f"{' ...' if len(unexpected) > 6 else ''}")
+
+
+def check_shape(name: str, value, expected: Tuple[int, ...], source: str) -> None:
+    if tuple(value.shape) != tuple(expected):
+        raise ValueError(f"'{name}' in '{source}' has shape {tuple(value.shape)}, the model expects {tuple(expected)}")
+
+
 def assign(model, params: Mapping, source: str) -> None:
     """Copy ``params`` (arrays, or a LazyParams read one at a time) into ``model``; every parameter must be given
     once with the right shape."""
     from mindspore import Tensor
 
     own = {p.name: p for p in model.get_parameters()}
-    missing = sorted(set(own) - set(params))
-    unexpected = sorted(set(params) - set(own))
-    if missing or unexpected:
-        raise ValueError(f"weights in '{source}' do not match the model: missing {missing[:6]}"
-                         f"{' ...' if len(missing) > 6 else ''}; unexpected {unexpected[:6]}"
-                         f"{' ...' if len(unexpected) > 6 else ''}")
+    check_names(own, params, source)
     for name, p in own.items():
         value = params[name]
-        if tuple(value.shape) != tuple(p.shape):
-            raise ValueError(f"'{name}' in '{source}' has shape {tuple(value.shape)}, the model expects "
-                             f"{tuple(p.shape)}")
+        check_shape(name, value, p.shape, source)
         p.set_data(Tensor(np.ascontiguousarray(value, dtype=np.float32)))
 
 
@@ -368,8 +377,10 @@ def save_hf_directory(model, cfg: ModelConfig, path: str, dtype: str = "float32"
                       max_shard_size: str = "5GB") -> List[str]:
     """Write config.json + safetensors (one file, or shards of at most ``max_shard_size`` with
     model.safetensors.index.json) in ``dtype`` (float32, float16, bfloat16), tensor by tensor, atomically (a temp
-    directory renamed into place; removed if anything fails). Returns the safetensors file names."""
-    hf = internal_to_hf({p.name: p for p in model.get_parameters()}, cfg)
+    directory renamed into place; removed if anything fails). ``model`` is a model or a mapping of its parameter
+    names to arrays (a loaded checkpoint: no model needs to be built). Returns the safetensors file names."""
+    params = model if isinstance(model, Mapping) else {p.name: p for p in model.get_parameters()}
+    hf = internal_to_hf(params, cfg)
     config = config_to_hf(cfg, dtype)
     limit = parse_size(max_shard_size)
     tmp = staging_dir(path)

@@ -35,7 +35,7 @@ def load_model(cfg: Optional[ModelConfig], ckpt: str = "", hf: str = ""):
     its .yaml) or ``hf`` (a Hugging Face directory). With ``cfg`` None the checkpoint's own config is used."""
     import mindspore as ms
 
-    from ..convert.checkpoint import load_ms_checkpoint
+    from ..convert.checkpoint import OPTIMIZER_STATE, load_ms_checkpoint
     from ..convert.hf import assign, load_hf_directory
     from ..models import build_model
 
@@ -69,8 +69,7 @@ def load_model(cfg: Optional[ModelConfig], ckpt: str = "", hf: str = ""):
     else:
         _check_same_model(saved_cfg.to_dict(), cfg, source)
     model = build_model(cfg, init=False)
-    optimizer_state = ("adam_m.", "adam_v.", "adam_step")
     if not hf:  # a training checkpoint also holds the optimizer's moments; an HF directory streams as it is
-        params = {k: v for k, v in params.items() if not k.startswith(optimizer_state)}
+        params = {k: v for k, v in params.items() if not k.startswith(OPTIMIZER_STATE)}
     assign(model, params, source)
     return model
