@@ -117,6 +117,8 @@ def convert_main(argv=None):
     b.add_argument("--max-shard-size", default="5GB",
                    help="largest safetensors file, e.g. 5GB, 500MB (default 5GB; more shards get an index)")
     args = p.parse_args(argv)
+    import gc
+
     from .convert.checkpoint import OPTIMIZER_STATE, checkpoint_config, load_ms_checkpoint, save_ms_checkpoint
     from .convert.hf import assign, check_names, check_shape, load_hf_directory, save_hf_directory
     from .models import build_model
@@ -131,6 +133,7 @@ def convert_main(argv=None):
     # ms-to-hf: the model is built only to learn its names and shapes, then written from the checkpoint itself
     cfg = checkpoint_config(args.ckpt, args.config)
     shapes = {p.name: tuple(p.shape) for p in build_model(cfg, init=False).get_parameters()}
+    gc.collect()  # the cells hold reference cycles: free the model before the checkpoint is read
     _, params = load_ms_checkpoint(args.ckpt, args.config)
     params = {k: v for k, v in params.items() if not k.startswith(OPTIMIZER_STATE)}
     check_names(shapes, params, args.ckpt)
