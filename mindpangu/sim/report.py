@@ -1,16 +1,16 @@
 """A recipe's predicted step on a mesh: what ``mindpangu-simulate`` prints."""
 from __future__ import annotations
 
-from typing import Dict
+from typing import Dict, List
 
 from ..config.schema import TrainConfig
 from ..parallel.memory import GB, stage_memory
 from ..parallel.mesh import Mesh
-from ..parallel.plan import check_layout, stage_plan
+from ..parallel.plan import StagePlan, check_layout, stage_plan
 from .memory import state_bytes_per_parameter
 from .pipeline import bubble_fractions
 from .shape import ModelShape
-from .step import Run, simulate_step
+from .step import Run, Stage, simulate_step
 
 
 def run_of(cfg: TrainConfig) -> Run:
@@ -24,14 +24,25 @@ def run_of(cfg: TrainConfig) -> Run:
                micro_batch=r.batch_size, recompute=recompute, sequence_parallel=p.use_seq_parallel)
 
 
+def stages_of(cfg: TrainConfig, plan: StagePlan) -> List[Stage]:
+    """The stage plan's layers per stage (parallel/plan.py balances them by cost, head and MTP included)."""
+    k = cfg.model.first_k_dense_replace
+    out = []
+    for s in range(plan.pp):
+        layers = plan.stage_layers(s)
+        dense = sum(1 for i in layers if i < k)
+        out.append(Stage(dense, len(layers) - dense, s == plan.pp - 1))
+    return out
+
+
 def simulate_config(cfg: TrainConfig, mesh: Mesh, imbalance: float = 1.0, ep_a2a: str = "flat") -> Dict:
     """Step prediction, memory per stage and whether it fits, for the recipe's own layout on ``mesh``."""
     from dataclasses import replace
 
     layout = check_layout(cfg, mesh.devices)
     run = replace(run_of(cfg), imbalance=imbalance, ep_a2a=ep_a2a)
-    step = simulate_step(ModelShape.from_config(cfg.model), layout, mesh, run)
     plan = stage_plan(cfg, layout)
+    step = simulate_step(ModelShape.from_config(cfg.model), layout, mesh, run, stages_of(cfg, plan))
     memory = [stage_memory(cfg, layout, plan, s) for s in range(layout.pp)]
     worst = max(memory, key=lambda m: m["total"])
     m = step["micro_batches"]
@@ -49,7 +60,7 @@ def format_report(result: Dict, mesh: Mesh) -> str:
              f"layout  {lay.short()}; {s['micro_batches']} micro-batches of {run.micro_batch} x {run.seq} tokens per "
              f"DP rank (global batch {run.global_batch}), recompute {run.recompute}"
              f"{', sequence parallel' if run.sequence_parallel else ''}", "",
-             f"step    {s['step_s']:.3f} s: " + ", ".join(
+             f"step    {s['step_s']:.3f} s (critical stage {s['critical_stage']}): " + ", ".join(
                  f"{k[:-2].replace('_', ' ')} {s[k]:.3f}" for k in ("compute_s", "tp_comm_s", "ep_comm_s",
                                                                    "cp_comm_s", "pp_comm_s", "dp_comm_s",
                                                                    "bubble_s") if s[k]),

@@ -15,7 +15,7 @@ from ..config.schema import TrainConfig
 from ..parallel.memory import GB, stage_memory
 from ..parallel.mesh import Mesh
 from ..parallel.plan import Layout, layout_problems, stage_plan
-from .report import run_of
+from .report import run_of, stages_of
 from .shape import ModelShape
 from .step import simulate_step
 
@@ -53,6 +53,7 @@ def search(cfg: TrainConfig, mesh: Mesh, devices: int, imbalance: float = 1.0,
     global_batch = base.global_batch
     shape = ModelShape.from_config(m)
     plans: Dict[Tuple[int, int], object] = {}
+    stages: Dict[Tuple[int, int], list] = {}
     fits: List[Candidate] = []
     tried = 0
     for tp in [t for t in (1, 2, 4, 8, 16) if t <= mesh.devices_per_node and devices % t == 0]:
@@ -71,6 +72,7 @@ def search(cfg: TrainConfig, mesh: Mesh, devices: int, imbalance: float = 1.0,
                                 continue
                             if (pp, vpp) not in plans:
                                 plans[(pp, vpp)] = stage_plan(variant, layout)
+                                stages[(pp, vpp)] = stages_of(variant, plans[(pp, vpp)])
                             for recompute in (False, True):
                                 tried += 1
                                 variant = _variant(cfg, layout, mbs, micro, recompute)
@@ -80,7 +82,7 @@ def search(cfg: TrainConfig, mesh: Mesh, devices: int, imbalance: float = 1.0,
                                     continue
                                 run = replace(base, micro_batch=mbs, recompute="full" if recompute else "none",
                                               sequence_parallel=tp > 1, imbalance=imbalance, ep_a2a=ep_a2a)
-                                step = simulate_step(shape, layout, mesh, run)
+                                step = simulate_step(shape, layout, mesh, run, stages[(pp, vpp)])
                                 fits.append(Candidate(layout, mbs, recompute, step, mem / GB))
     fits.sort(key=lambda c: -c.step["tokens_per_s"])
     return fits, tried

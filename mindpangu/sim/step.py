@@ -26,7 +26,7 @@ Not modelled: the optimizer step, kernel launch gaps, stragglers, and overlap of
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict
+from typing import Dict, List, Optional, Sequence
 
 from ..parallel.mesh import Mesh
 from ..parallel.plan import Layout
@@ -61,54 +61,98 @@ def _tier(mesh: Mesh, span: int) -> float:
     return mesh.inter_node_gbps * mesh.inter_eff
 
 
-def simulate_step(shape: ModelShape, layout: Layout, mesh: Mesh, run: Run) -> Dict[str, float]:
+@dataclass(frozen=True)
+class Stage:
+    """What one pipeline stage runs per micro-batch: its decoder layers by kind, and whether it is the last (LM
+    head and MTP layers)."""
+    dense_layers: float
+    moe_layers: float
+    last: bool
+
+
+def even_stages(shape: ModelShape, pp: int) -> List[Stage]:
+    """Layers split evenly over ``pp`` stages (dense layers first), the head on the last."""
+    out, start = [], 0
+    for s in range(pp):
+        n = shape.layers // pp + (1 if s < shape.layers % pp else 0)
+        dense = max(0, min(start + n, shape.num_dense) - start)
+        out.append(Stage(dense, n - dense, s == pp - 1))
+        start += n
+    return out
+
+
+def simulate_step(shape: ModelShape, layout: Layout, mesh: Mesh, run: Run,
+                  stages: Optional[Sequence[Stage]] = None) -> Dict[str, float]:
     """Seconds per step and its split for ``shape`` under ``layout`` on ``mesh``: compute, tp / ep / cp / pp / dp
-    communication, bubble, step, tokens_per_s, mfu; plus the critical stage's layers and the micro-batch count.
-    Raises ValueError when the batch does not divide into micro-batches over the DP ranks."""
+    communication, bubble, step, tokens_per_s, mfu; plus the critical stage and the micro-batch count.
+    ``stages`` (one per pipeline stage, all chunks of a stage together) default to an even split; the slowest
+    stage sets the pace of the pipeline. Raises ValueError when the batch does not divide into micro-batches over
+    the DP ranks."""
     tp, pp, v, cp, ep, dp = layout.tp, layout.pp, layout.vpp, layout.cp, layout.ep, layout.dp
     per_rank = run.global_batch / dp
     m = int(per_rank // run.micro_batch)
     if m < 1 or per_rank % run.micro_batch:
         raise ValueError(f"global batch {run.global_batch} over {dp} DP ranks is not a whole number of "
                          f"micro-batches of {run.micro_batch}")
+    stages = list(stages or even_stages(shape, pp))
+    times = [_stage_time(shape, layout, mesh, run, st) for st in stages]
+    critical = max(range(len(stages)), key=lambda i: sum(times[i].values()))
+    parts = times[critical]
+    t_mb = sum(parts.values())
+    bubble = t_mb * (pp - 1) / v if pp > 1 else 0.0
+    dense_params, expert_params = shape.parameters()
+    expert_dp = dp * tp * cp // ep
+    dp_comm = run.dp_exposed * 2 * (_ring(dense_params / (tp * pp) * BYTES, dp * cp, _tier(mesh, tp * cp * dp))
+                                    + _ring(expert_params / (ep * pp) * BYTES, expert_dp, _tier(mesh, layout.world)))
+    step = t_mb * m + bubble + dp_comm
+    model_flops = training_flops(shape, run.global_batch * run.seq, run.seq, causal=False)
+    out = {f"{k}_s": val * m for k, val in parts.items()}
+    out.update(dp_comm_s=dp_comm, bubble_s=bubble, step_s=step, tokens_per_s=run.global_batch * run.seq / step,
+               mfu=model_flops / (step * layout.world * mesh.peak_tflops * 1e12), micro_batches=m,
+               critical_stage=critical, bubble_over_total=bubble / step)
+    return out
+
+
+def _stage_time(shape: ModelShape, layout: Layout, mesh: Mesh, run: Run, stage: Stage) -> Dict[str, float]:
+    """Seconds of one micro-batch through ``stage`` (all its chunks): compute and each communication."""
+    tp, cp, ep, dp, v = layout.tp, layout.cp, layout.ep, layout.dp, layout.vpp
     tokens = run.micro_batch * run.seq / cp  # per device per micro-batch, before TP
-    layers = -(-shape.layers // pp)          # the critical (last) stage's decoder layers
-    dense_share = shape.num_dense / shape.layers if shape.layers else 0.0
+    layers = stage.dense_layers + stage.moe_layers
     per_token = forward_flops_per_token(shape, run.seq, causal=True)
-    # FLOPs per decoder layer of each component, and the GEMM each runs as (for its efficiency)
     h = shape.hidden
     d_attn = shape.heads * (shape.head_dim or h // shape.heads)
-    parts = {
-        "attention projections": (per_token["attention projections"] / shape.layers, 2 * tokens * h * d_attn / tp, tp),
-        "attention scores and values": (per_token["attention scores and values"] / shape.layers,
-                                        2 * tokens * run.seq * d_attn / tp, tp),
-        "dense MLP": (per_token["dense MLP"] / max(shape.num_dense, 1) * dense_share, 2 * tokens * h * shape.ffn / tp,
-                      tp),
-    }
-    if shape.experts:
-        moe_share = shape.num_moe / shape.layers
+    peak = mesh.peak_tflops * 1e12
+    # (forward FLOPs per token of one layer, GEMM size for its efficiency, TP split, layers running it)
+    parts = [(per_token["attention projections"] / shape.layers, 2 * tokens * h * d_attn / tp, tp, layers, False),
+             (per_token["attention scores and values"] / shape.layers, 2 * tokens * run.seq * d_attn / tp, tp,
+              layers, True)]
+    if shape.num_dense:
+        parts.append((per_token["dense MLP"] / shape.num_dense, 2 * tokens * h * shape.ffn / tp, tp,
+                      stage.dense_layers, False))
+    if shape.experts and shape.num_moe:
         rows = tokens * shape.top_k * ep / shape.experts
-        parts["router"] = (per_token["router"] / shape.num_moe * moe_share, 2 * tokens * h * shape.experts, 1)
-        parts["routed experts"] = (per_token["routed experts"] / shape.num_moe * moe_share * run.imbalance,
-                                   2 * rows * h * shape.expert_ffn, tp)
+        parts.append((per_token["router"] / shape.num_moe, 2 * tokens * h * shape.experts, 1, stage.moe_layers, False))
+        parts.append((per_token["routed experts"] / shape.num_moe * run.imbalance, 2 * rows * h * shape.expert_ffn, tp,
+                      stage.moe_layers, False))
         if shape.shared_ffn:
-            parts["shared experts"] = (per_token["shared experts"] / shape.num_moe * moe_share,
-                                       2 * tokens * h * shape.shared_ffn / tp, tp)
+            parts.append((per_token["shared experts"] / shape.num_moe, 2 * tokens * h * shape.shared_ffn / tp, tp,
+                          stage.moe_layers, False))
     factor = {"none": 3.0, "selective": 3.0, "full": 4.0}[run.recompute]
     compute = 0.0
-    for name, (flops, gemm, split) in parts.items():
-        extra = 1.0 if run.recompute == "selective" and name == "attention scores and values" else 0.0
-        compute += (factor + extra) * flops * tokens * layers / split / (mesh.peak_tflops * 1e12
-                                                                         * mesh.gemm_efficiency(gemm))
-    head = 3 * 2.0 * h * shape.vocab * tokens / tp
-    compute += head / (mesh.peak_tflops * 1e12 * mesh.gemm_efficiency(2 * tokens * h * shape.vocab / tp))
+    for flops, gemm, split, count, core in parts:
+        extra = 1.0 if run.recompute == "selective" and core else 0.0
+        compute += (factor + extra) * flops * tokens * count / split / (peak * mesh.gemm_efficiency(gemm))
+    if stage.last:  # the LM head, and the MTP layers (their own decoder layer and the head once more)
+        compute += 6.0 * h * shape.vocab * tokens / tp / (peak * mesh.gemm_efficiency(2 * tokens * h * shape.vocab / tp))
+        if shape.mtp_layers:
+            compute += 3 * per_token["MTP"] * tokens / tp / (peak * mesh.gemm_efficiency(2 * tokens * h * shape.ffn / tp))
     act = tokens * h * BYTES
     passes = 3 if run.recompute == "full" else 2  # forward and backward (and the recomputed forward)
     # two places per layer (attention, MLP) per pass; each an all-reduce, or with SP an all-gather + a
     # reduce-scatter: the same ring volume (Korthikanti et al. 2022 section 4.2.2)
     tp_comm = passes * 2 * 2 * _ring(act, tp, _tier(mesh, tp)) * layers
     span_ep = tp * ep if layout.order.index("ep") > layout.order.index("tp") else ep
-    moe_layers = layers * (shape.num_moe / shape.layers) if shape.experts else 0.0
+    moe_layers = stage.moe_layers + (shape.mtp_layers if stage.last and shape.experts else 0)
     ep_comm = 0.0
     if ep > 1 and moe_layers:
         token_bytes = tokens * h * BYTES / tp
@@ -127,18 +171,5 @@ def simulate_step(shape: ModelShape, layout: Layout, mesh: Mesh, run: Run) -> Di
         kv = 2 * tokens * d_attn * BYTES / tp
         cp_comm = 3 * (cp - 1) * kv / (_tier(mesh, tp * cp) * 1e9) * layers
     pp_comm = 2 * v * (act / (tp if run.sequence_parallel else 1)) / (_tier(mesh, tp * cp * dp * 2) * 1e9) \
-        if pp > 1 else 0.0
-    t_mb = compute + tp_comm + ep_comm + cp_comm + pp_comm
-    bubble = t_mb * (pp - 1) / v if pp > 1 else 0.0
-    dense_params, expert_params = shape.parameters()
-    expert_dp = dp * tp * cp // ep
-    dp_comm = run.dp_exposed * 2 * (_ring(dense_params / (tp * pp) * BYTES, dp * cp, _tier(mesh, tp * cp * dp))
-                                    + _ring(expert_params / (ep * pp) * BYTES, expert_dp, _tier(mesh, layout.world)))
-    step = t_mb * m + bubble + dp_comm
-    model_flops = training_flops(shape, run.global_batch * run.seq, run.seq, causal=False)
-    devices = layout.world
-    return {"compute_s": compute * m, "tp_comm_s": tp_comm * m, "ep_comm_s": ep_comm * m, "cp_comm_s": cp_comm * m,
-            "pp_comm_s": pp_comm * m, "dp_comm_s": dp_comm, "bubble_s": bubble, "step_s": step,
-            "tokens_per_s": run.global_batch * run.seq / step, "mfu": model_flops / (step * devices *
-                                                                                    mesh.peak_tflops * 1e12),
-            "micro_batches": m, "stage_layers": layers, "bubble_over_total": bubble / step}
+        if layout.pp > 1 else 0.0
+    return {"compute": compute, "tp_comm": tp_comm, "ep_comm": ep_comm, "cp_comm": cp_comm, "pp_comm": pp_comm}
