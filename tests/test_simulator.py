@@ -163,3 +163,15 @@ def test_hierarchical_all_to_all_sends_once_per_node():
     assert ep_seconds(one_per_node, "hierarchical") == pytest.approx(ep_seconds(one_per_node, "flat"))
     # the copies a token sends: 8 random experts of 64 reach 64 (1 - (63/64)^8) = 7.58 ranks on average
     assert shape.devices_per_token(64) == pytest.approx(64 * (1 - (63 / 64) ** 8))
+
+
+def test_search_places_the_published_ultra_moe_layout_in_the_top_tenth():
+    """Pangu Ultra MoE's published layout (TP8 / PP16 / VPP2 / EP4 on 6,144 Atlas 800T A2 devices) among the
+    layouts that fit; docs/simulator.md discusses what the simulator prefers instead."""
+    from mindpangu.parallel import resolve_mesh
+    from mindpangu.parallel.plan import Layout
+    from mindpangu.sim.search import rank_of, search
+
+    cfg = mp.load_config(ULTRA_TINY.replace("tiny", "718b"))
+    fits, _ = search(cfg, resolve_mesh(cfg.mesh, "atlas_800t_a2", 6144), 6144)
+    assert rank_of(fits, Layout.from_config(cfg)) <= 0.10 * len(fits)
