@@ -11,12 +11,12 @@ from ..config.schema import MeshConfig
 
 @dataclass(frozen=True)
 class Mesh:
-    """A cluster, plus the few efficiency constants the simulator (mindpangu/sim) turns FLOPs and bytes into
-    seconds with, the same for every prediction on it: a GEMM of F FLOPs runs at
-    ``gemm_max_eff * F / (F + gemm_half_flops)`` of the peak (small GEMMs do not fill the device), and a collective
-    moves its bytes at ``bandwidth x intra_eff`` inside a node, ``x inter_eff`` between nodes. Memory-bound work
-    (norms, softmax, activations, residuals), which is not counted in FLOPs, scales like the tensor-parallel
-    traffic (b x s x h bytes per layer) and is folded into ``intra_eff``."""
+    """A cluster, plus the few constants the simulator (mindpangu/sim) turns FLOPs and bytes into seconds with, the
+    same for every prediction on it: a GEMM of F FLOPs runs at ``gemm_max_eff * F / (F + gemm_half_flops)`` of the
+    peak (small GEMMs do not fill the device); a collective moves its bytes at ``bandwidth x intra_eff`` inside a
+    node, ``x inter_eff`` between nodes, plus a latency per message step. Memory-bound work (norms, softmax,
+    activations, residuals), which is not counted in FLOPs, scales like the tensor-parallel traffic (b x s x h bytes
+    per layer) and is folded into ``intra_eff``."""
     name: str
     nodes: int
     devices_per_node: int
@@ -28,6 +28,8 @@ class Mesh:
     gemm_half_flops: float = 2e10
     intra_eff: float = 0.25
     inter_eff: float = 0.5
+    intra_latency_us: float = 5.0   # per message step of a collective (NCCL / HCCL order of magnitude, not fitted)
+    inter_latency_us: float = 10.0
 
     def gemm_efficiency(self, flops: float) -> float:
         return self.gemm_max_eff * flops / (flops + self.gemm_half_flops)

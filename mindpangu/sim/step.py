@@ -7,8 +7,9 @@ Model (every assumption here is also in docs/simulator.md):
   attention heads, the dense MLP, the shared experts and the vocabulary; EP spreads the routed experts, whose
   GEMMs hold ``tokens x k x ep / E`` rows; an ``imbalance`` multiplier (1 + the imbalance score, or MaxVio)
   stretches the expert compute and all-to-all, because the busiest device sets the pace.
-- **Communication**, ring collectives at ``bandwidth x efficiency`` of the tier the group spans (inside a node if
-  the group's devices fit in one):
+- **Communication**, alpha-beta: each message step costs the tier's latency, each byte ``1 / (bandwidth x
+  efficiency)`` of the tier the group spans (inside a node if the group's devices fit in one); rings of n take
+  n - 1 steps:
   - TP with sequence parallelism: 4 all-gathers + 4 reduce-scatters of the layer's activations per micro-batch
     (forward and backward); without SP 4 all-reduces, the same volume;
   - EP: 4 all-to-alls (dispatch and combine, forward and backward), one copy of a token per EP rank its experts
@@ -49,16 +50,26 @@ class Run:
     dp_exposed: float = 0.1           # share of the DP gradient / parameter traffic not hidden behind backward
 
 
-def _ring(bytes_: float, n: int, gbps: float) -> float:
+@dataclass(frozen=True)
+class _Link:
+    gbps: float      # effective bandwidth (beta = 1 / gbps)
+    latency: float   # seconds per message step (alpha)
+
+    def send(self, bytes_: float, steps: int = 1) -> float:
+        """alpha-beta time of ``steps`` message steps moving ``bytes_`` in total."""
+        return steps * self.latency + bytes_ / (self.gbps * 1e9)
+
+
+def _ring(bytes_: float, n: int, link: _Link) -> float:
     """Seconds of a ring all-gather or reduce-scatter of ``bytes_`` (the full tensor) over ``n`` devices."""
-    return 0.0 if n <= 1 else (n - 1) / n * bytes_ / (gbps * 1e9)
+    return 0.0 if n <= 1 else link.send((n - 1) / n * bytes_, n - 1)
 
 
-def _tier(mesh: Mesh, span: int) -> float:
-    """Effective GB/s of a group whose devices span ``span`` consecutive ranks."""
+def _tier(mesh: Mesh, span: int) -> _Link:
+    """The link of a group whose devices span ``span`` consecutive ranks: inside a node or between nodes."""
     if span <= mesh.devices_per_node:
-        return mesh.intra_node_gbps * mesh.intra_eff
-    return mesh.inter_node_gbps * mesh.inter_eff
+        return _Link(mesh.intra_node_gbps * mesh.intra_eff, mesh.intra_latency_us * 1e-6)
+    return _Link(mesh.inter_node_gbps * mesh.inter_eff, mesh.inter_latency_us * 1e-6)
 
 
 @dataclass(frozen=True)
@@ -162,14 +173,14 @@ def _stage_time(shape: ModelShape, layout: Layout, mesh: Mesh, run: Run, stage: 
             per_node = ep // nodes
             inter = token_bytes * shape.groups_per_token(nodes) * (nodes - 1) / nodes
             intra = token_bytes * shape.devices_per_token(ep) * (per_node - 1) / per_node if per_node > 1 else 0.0
-            one = inter / (_tier(mesh, span_ep) * 1e9) + intra / (_tier(mesh, 1) * 1e9)
+            one = _tier(mesh, span_ep).send(inter, nodes - 1) + _tier(mesh, 1).send(intra, per_node - 1)
         else:
-            one = token_bytes * shape.devices_per_token(ep) * (ep - 1) / ep / (_tier(mesh, span_ep) * 1e9)
+            one = _tier(mesh, span_ep).send(token_bytes * shape.devices_per_token(ep) * (ep - 1) / ep, ep - 1)
         ep_comm = 4 * one * moe_layers * run.imbalance
     cp_comm = 0.0
     if cp > 1:
         kv = 2 * tokens * d_attn * BYTES / tp
-        cp_comm = 3 * (cp - 1) * kv / (_tier(mesh, tp * cp) * 1e9) * layers
-    pp_comm = 2 * v * (act / (tp if run.sequence_parallel else 1)) / (_tier(mesh, tp * cp * dp * 2) * 1e9) \
+        cp_comm = 3 * _tier(mesh, tp * cp).send((cp - 1) * kv, cp - 1) * layers
+    pp_comm = 2 * v * _tier(mesh, tp * cp * dp * 2).send(act / (tp if run.sequence_parallel else 1)) \
         if layout.pp > 1 else 0.0
     return {"compute": compute, "tp_comm": tp_comm, "ep_comm": ep_comm, "cp_comm": cp_comm, "pp_comm": pp_comm}
