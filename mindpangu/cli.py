@@ -314,7 +314,7 @@ def simulate_main(argv=None):
     devices = args.devices or Layout.from_config(cfg).world
     mesh = resolve_mesh(mesh_cfg, args.mesh, devices)
     if not args.search:
-        print(format_report(simulate_config(cfg, mesh, args.imbalance, args.ep_a2a), mesh))
+        print(format_report(simulate_config(cfg, mesh, args.imbalance, args.ep_a2a, devices), mesh))
         return
     from .sim.search import format_search, search, write_winner
 

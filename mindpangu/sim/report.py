@@ -35,11 +35,13 @@ def stages_of(cfg: TrainConfig, plan: StagePlan) -> List[Stage]:
     return out
 
 
-def simulate_config(cfg: TrainConfig, mesh: Mesh, imbalance: float = 1.0, ep_a2a: str = "flat") -> Dict:
-    """Step prediction, memory per stage and whether it fits, for the recipe's own layout on ``mesh``."""
+def simulate_config(cfg: TrainConfig, mesh: Mesh, imbalance: float = 1.0, ep_a2a: str = "flat",
+                    devices: int = 0) -> Dict:
+    """Step prediction, memory per stage and whether it fits, for the recipe's own layout on ``devices`` of
+    ``mesh`` (default: all of them; a run may use fewer devices than whole nodes hold)."""
     from dataclasses import replace
 
-    layout = check_layout(cfg, mesh.devices)
+    layout = check_layout(cfg, devices or mesh.devices)
     run = replace(run_of(cfg), imbalance=imbalance, ep_a2a=ep_a2a)
     plan = stage_plan(cfg, layout)
     step = simulate_step(ModelShape.from_config(cfg.model), layout, mesh, run, stages_of(cfg, plan))

@@ -116,8 +116,13 @@ def format_search(fits: List[Candidate], tried: int, own: Layout, mesh: Mesh, de
                      f"{c.step['step_s']:>9.2f}{c.step['tokens_per_s']:>13,.0f}{100 * c.step['mfu']:>7.1f}"
                      f"{c.memory_gb:>7.1f}")
     rank = rank_of(fits, own)
-    lines.append(f"the recipe's own layout {own.short()}: " + (
-        f"rank {rank} of {len(fits)} (top {100 * rank / len(fits):.0f} %)" if rank else "does not fit or is not valid"))
+    if own.world != devices:
+        verdict = f"uses {own.world} device(s), not {devices}"
+    elif rank:
+        verdict = f"rank {rank} of {len(fits)} (top {100 * rank / len(fits):.0f} %)"
+    else:
+        verdict = "does not fit in memory, or is not valid"
+    lines.append(f"the recipe's own layout {own.short()}: {verdict}")
     return "\n".join(lines)
 
 
