@@ -20,12 +20,14 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def staging_dir(final: str) -> str:
+def staging_dir(final: str, reap: bool = False) -> str:
     """A fresh, empty directory beside ``final`` (``final.tmp<pid>``) to build it in before ``replace_dir``.
-    Staging directories of ``final`` left by processes that no longer run (killed mid-write) are removed."""
+    ``reap``: also remove staging directories of ``final`` left by processes that no longer run on this host
+    (killed mid-write). Only for writers that one process runs: on a file system shared by several hosts a
+    pid says nothing about another host's processes."""
     base = os.path.abspath(final).rstrip(os.sep)
     parent, name = os.path.split(base)
-    if os.path.isdir(parent):
+    if reap and os.path.isdir(parent):
         for entry in os.listdir(parent):
             pid = entry[len(name) + 4:]
             if entry.startswith(name + ".tmp") and pid.isdigit() and not _alive(int(pid)):
@@ -53,4 +55,6 @@ def write_text_atomic(path: str, text: str) -> None:
     tmp = f"{path}.tmp{os.getpid()}"
     with open(tmp, "w", encoding="utf-8") as f:
         f.write(text)
+        f.flush()
+        os.fsync(f.fileno())  # on disk before the rename, so a crash leaves the old or the new file, never an empty one
     os.replace(tmp, path)

@@ -207,12 +207,26 @@ def test_bfloat16_export_rounds_as_torch_does(tmp_path):
     cfg, model = _ultra("pre_ln")
     save_hf_directory(model, cfg, str(tmp_path), dtype="bfloat16")
     assert json.loads((tmp_path / "config.json").read_text())["torch_dtype"] == "bfloat16"
-    peer = DeepseekV3ForCausalLM.from_pretrained(str(tmp_path), torch_dtype=torch.bfloat16)
+    DeepseekV3ForCausalLM.from_pretrained(str(tmp_path), torch_dtype=torch.bfloat16)  # transformers reads it
     mine = internal_to_hf({p.name: p for p in model.get_parameters()}, cfg)
-    for name, p in peer.state_dict().items():
-        if name in mine:
-            want = torch.tensor(mine[name]).to(torch.bfloat16)  # torch's own round-to-nearest-even
-            assert torch.equal(p, want), name
+    reader = safetensors_io.CheckpointReader(str(tmp_path))
+    assert set(reader.names()) == set(mine)
+    for name in mine:  # every tensor on disk against torch's own round-to-nearest-even of our float32 value
+        want = torch.tensor(mine[name]).to(torch.bfloat16).float().numpy()
+        np.testing.assert_array_equal(reader.get(name), want, err_msg=name)
+    assert len(mine) > 40
+
+
+def test_malformed_safetensors_headers_are_refused(tmp_path):
+    import struct
+
+    for entry, message in [({"dtype": "F32", "shape": [2], "data_offsets": [-8, 0]}, "malformed"),
+                           ({"dtype": "F8_E5M2", "shape": [2], "data_offsets": [0, 2]}, "not read"),
+                           ("not an object", "malformed")]:
+        header = json.dumps({"w": entry}).encode()
+        (tmp_path / "model.safetensors").write_bytes(struct.pack("<Q", len(header)) + header + bytes(8))
+        with pytest.raises(ValueError, match=message):
+            safetensors_io.CheckpointReader(str(tmp_path))
 
 
 def test_e4m3_decoding_matches_torch():

@@ -121,6 +121,20 @@ def test_split_text_keeps_byte_level_bpe_ids(variant):
     assert sum((e.ids for e in tok.encode_batch(pieces)), []) == tok.encode(text).ids
 
 
+def test_streamed_plain_text_equals_the_whole_file_encoded_once(tmp_path):
+    """The reader's pieces across its 64 KiB reads, through preprocess, with the bundled BPE: the ids of the whole
+    file encoded at once by ``tokenizers``, then the end-of-document id."""
+    text = open(PLAYS, encoding="utf-8").read()[:300_000]
+    (tmp_path / "t.txt").write_text(text, encoding="utf-8")
+    peer = Tokenizer.from_file(BPE)
+    ids = peer.encode(text).ids + [peer.token_to_id("<|endoftext|>")]
+    width = 129
+    n = len(ids) // width
+    preprocess([str(tmp_path / "t.txt")], load_tokenizer(BPE), width - 1, str(tmp_path / "ds"), progress=False)
+    ds = PackedDataset(str(tmp_path / "ds"))
+    np.testing.assert_array_equal(ds.read(range(ds.num_samples)), np.asarray(ids[: n * width]).reshape(n, width))
+
+
 def test_bad_input_names_file_and_line(tmp_path, capsys):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"text": "ok"}\n\n{"text": "fine"}\n{"text": 3}\n', encoding="utf-8")
@@ -146,11 +160,11 @@ class _FailingTokenizer(ByteTokenizer):
     def __init__(self, after):
         self.calls, self.after = 0, after
 
-    def encode_batch(self, texts):
+    def encode_batch(self, texts, special=None):
         self.calls += 1
         if self.calls > self.after:
             raise KeyboardInterrupt
-        return super().encode_batch(texts)
+        return super().encode_batch(texts, special)
 
 
 def test_interrupted_run_keeps_the_previous_dataset(tmp_path):

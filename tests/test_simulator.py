@@ -78,8 +78,9 @@ def test_step_time_within_ten_percent_of_megatron(name):
     layout = Layout(dp=gpus // (tp * pp), tp=tp, pp=pp, vpp=vpp)
     out = simulate_step(ModelShape.dense_gpt(layers, hidden, heads, 51200), layout, PRESETS["a100_80gb"],
                         Run(seq=2048, global_batch=batch, micro_batch=mbs, recompute="selective"))
-    assert out["step_s"] == pytest.approx(seconds, rel=0.10)
-    parts = sum(out[k] for k in ("compute_s", "tp_comm_s", "pp_comm_s", "bubble_s", "dp_comm_s"))
+    assert out["step_s"] == pytest.approx(seconds, rel=0.04)  # the README and docs claim 4 %; the issue asks 10 %
+    parts = sum(out[k] for k in ("compute_s", "tp_comm_s", "ep_comm_s", "cp_comm_s", "pp_comm_s", "bubble_s",
+                                 "dp_comm_s"))
     assert parts == pytest.approx(out["step_s"], rel=1e-9)  # the split adds up
 
 
@@ -159,8 +160,6 @@ def test_hierarchical_all_to_all_sends_once_per_node():
 
     wide = Layout(dp=64, tp=1, ep=64)  # 8 EP ranks per node, 8 nodes
     assert ep_seconds(wide, "hierarchical") < 0.8 * ep_seconds(wide, "flat")
-    one_per_node = Layout(dp=8, tp=8, ep=8)  # TP fills each node
-    assert ep_seconds(one_per_node, "hierarchical") == pytest.approx(ep_seconds(one_per_node, "flat"))
     # the copies a token sends: 8 random experts of 64 reach 64 (1 - (63/64)^8) = 7.58 ranks on average
     assert shape.devices_per_token(64) == pytest.approx(64 * (1 - (63 / 64) ** 8))
 
@@ -175,3 +174,12 @@ def test_search_places_the_published_ultra_moe_layout_in_the_top_tenth():
     cfg = mp.load_config(ULTRA_TINY.replace("tiny", "718b"))
     fits, _ = search(cfg, resolve_mesh(cfg.mesh, "atlas_800t_a2", 6144), 6144)
     assert rank_of(fits, Layout.from_config(cfg)) <= 0.10 * len(fits)
+
+
+def test_a_custom_mesh_needs_its_figures():
+    from mindpangu.config import ConfigError
+    from mindpangu.parallel import resolve_mesh
+
+    cfg = mp.load_config(ULTRA_TINY, ["mesh.devices_per_node=8"])
+    with pytest.raises(ConfigError, match="mesh.peak_tflops"):
+        resolve_mesh(cfg.mesh, "", 8)

@@ -44,12 +44,13 @@ def checkpoint_config(path: str, config: str = "") -> ModelConfig:
 
 
 def load_ms_checkpoint(path: str, config: str = "") -> Tuple[ModelConfig, Dict[str, np.ndarray]]:
-    """(model config, {name: array}) from a .ckpt and its YAML (``config`` or the one beside it)."""
+    """(model config, {name: array}) from a .ckpt and its YAML (``config`` or the one beside it); a training
+    checkpoint's optimizer states are not read."""
     import mindspore as ms
 
     cfg = checkpoint_config(path, config)
     try:
-        params = ms.load_checkpoint(path)
+        params = ms.load_checkpoint(path, choice_func=lambda name: not name.startswith(OPTIMIZER_STATE))
     except Exception as e:  # MindSpore raises ValueError/RuntimeError on a corrupt file
         raise ValueError(f"cannot read checkpoint '{path}': {e}") from None
     return cfg, {k: v.asnumpy() for k, v in params.items()}

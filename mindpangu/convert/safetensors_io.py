@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import glob
 import json
+import math
 import os
 import struct
 from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
@@ -26,6 +27,7 @@ from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 import numpy as np
 
 INDEX = "model.safetensors.index.json"
+MAX_HEADER = 100 * 2 ** 20  # the reference reader's limit on the JSON header
 SCALE_SUFFIX = "_scale_inv"  # DeepSeek-V3 FP8: "<weight>_scale_inv" holds the per-block dequantisation factors
 _BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
           "BOOL": 1}
@@ -83,19 +85,31 @@ def read_header(path: str) -> Tuple[Dict[str, dict], int]:
         if len(head) < 8:
             raise ValueError(f"'{path}' is not a safetensors file (shorter than its 8-byte header size)")
         (n,) = struct.unpack("<Q", head)
-        if n > size - 8:
-            raise ValueError(f"'{path}' is not a safetensors file (header size {n} exceeds the file)")
+        if n > min(size - 8, MAX_HEADER):
+            raise ValueError(f"'{path}' is not a safetensors file (header size {n} exceeds the file or "
+                             f"{MAX_HEADER} bytes)")
         try:
             header = json.loads(fh.read(n))
         except (json.JSONDecodeError, UnicodeDecodeError):
             raise ValueError(f"'{path}' is not a safetensors file (its header is not JSON)") from None
+    if not isinstance(header, dict):
+        raise ValueError(f"'{path}' is not a safetensors file (its header is not a JSON object)")
     header.pop("__metadata__", None)
     for name, info in header.items():
-        begin, end = info["data_offsets"]
-        count = int(np.prod(info["shape"], dtype=np.int64))
-        if info["dtype"] not in _BYTES or end - begin != count * _BYTES[info["dtype"]] or 8 + n + end > size:
-            raise ValueError(f"'{path}': tensor '{name}' ({info['dtype']}, shape {info['shape']}) does not match "
-                             "its bytes (truncated or corrupt file)")
+        try:
+            dtype, shape, (begin, end) = info["dtype"], list(info["shape"]), info["data_offsets"]
+            ok = all(isinstance(d, int) and d >= 0 for d in shape) and isinstance(begin, int) \
+                and isinstance(end, int) and 0 <= begin <= end
+        except (TypeError, KeyError, ValueError):
+            ok = False
+        if not ok:
+            raise ValueError(f"'{path}': tensor '{name}' has a malformed header entry {info!r}")
+        if dtype not in _BYTES:
+            raise ValueError(f"'{path}': tensor '{name}' has dtype {dtype}, which is not read (F32, F16, BF16, "
+                             f"F8_E4M3, integers)")
+        if end - begin != int(np.prod(shape, dtype=np.int64)) * _BYTES[dtype] or 8 + n + end > size:
+            raise ValueError(f"'{path}': tensor '{name}' ({dtype}, shape {shape}) does not match its bytes "
+                             "(truncated or corrupt file)")
     return header, 8 + n
 
 
@@ -232,7 +246,9 @@ def parse_size(text: str) -> int:
     try:
         value = float(t) * mult
     except ValueError:
-        raise ValueError(f"cannot read size '{text}'; e.g. 5GB, 500MB, 2GiB") from None
+        value = float("nan")
+    if not math.isfinite(value):
+        raise ValueError(f"cannot read size '{text}'; e.g. 5GB, 500MB, 2GiB")
     if value < 1:
         raise ValueError(f"size '{text}' must be at least 1 byte")
     return int(value)

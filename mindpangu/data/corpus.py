@@ -6,7 +6,7 @@ Nothing here holds more than one bounded piece of a file in memory, so a corpus 
   document; empty lines are skipped; a line that is not such an object is an error naming file and line.
 * **Plain text** (every other suffix; ``.gz`` allowed): the whole file is **one** document (as before streaming),
   read in pieces of at most ``chunk_chars`` characters by :func:`split_text`. Each piece is tokenised on its own
-  and the pieces are joined without an end-of-document id between them.
+  (the tokenizer's special tokens only on the first) and the pieces are joined without an end-of-document id.
 """
 from __future__ import annotations
 
@@ -68,6 +68,7 @@ def expand_inputs(patterns: Sequence[str]) -> List[str]:
     Raises FileNotFoundError naming a pattern that matches no file (or a directory given instead of files).
     """
     files: List[str] = []
+    seen = set()
     for pattern in patterns:
         matches = sorted(glob.glob(pattern, recursive=True)) if glob.has_magic(pattern) else [pattern]
         matches = [m for m in matches if os.path.isfile(m)]
@@ -75,7 +76,10 @@ def expand_inputs(patterns: Sequence[str]) -> List[str]:
             what = "is a directory (give its files or a glob such as dir/*.jsonl)" if os.path.isdir(pattern) \
                 else "matches no file" if glob.has_magic(pattern) else "does not exist"
             raise FileNotFoundError(f"input '{pattern}' {what}")
-        files.extend(m for m in matches if m not in files)
+        for m in matches:
+            if m not in seen:
+                seen.add(m)
+                files.append(m)
     return files
 
 
@@ -86,10 +90,12 @@ def is_jsonl(path: str) -> bool:
 
 @dataclass(frozen=True)
 class Document:
-    """A document, or one piece of a plain-text document (``end_of_document`` False on all pieces but the last)."""
+    """A document, or one piece of a plain-text document (``end_of_document`` False on all pieces but the last,
+    ``start_of_document`` False on all but the first: only there may a tokenizer add its special tokens)."""
     text: str
     domain: str = ""
     end_of_document: bool = True
+    start_of_document: bool = True
 
 
 class CorpusReader:
@@ -127,7 +133,7 @@ class CorpusReader:
 
     def _text(self, path: str, fh: io.TextIOWrapper, tell: Callable[[], int]) -> Iterator[Document]:
         domain = os.path.basename(path).split(".")[0] if self.domain_key else ""
-        rest, ended = "", False
+        rest, ended, first = "", False, True
         while not ended:
             block = fh.read(16 * self.chunk_chars)
             ended = not block
@@ -136,7 +142,8 @@ class CorpusReader:
             if ended and not pieces:  # an empty file is still a document (just the end-of-document id)
                 pieces = [""]
             for i, piece in enumerate(pieces):
-                yield Document(piece, domain, ended and i == len(pieces) - 1)
+                yield Document(piece, domain, ended and i == len(pieces) - 1, first)
+                first = False
 
     def _jsonl(self, path: str, fh: BinaryIO, tell: Callable[[], int]) -> Iterator[Document]:
         for n, raw_line in enumerate(fh, 1):

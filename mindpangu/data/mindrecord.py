@@ -121,7 +121,8 @@ class _Packer:
 
 
 def preprocess(inputs: Sequence[str], tokenizer, seq_length: int, out_dir: str, shard_mb: float = SHARD_MB,
-               text_key: str = "text", domain_key: Optional[str] = None, progress: bool = True) -> dict:
+               text_key: str = "text", domain_key: Optional[str] = None, progress: bool = True,
+               reap: bool = True) -> dict:
     """Tokenise, pack and write a MindRecord dataset directory, streaming: memory stays bounded by one batch of
     documents (about 1 MiB of text) and one MindRecord write, whatever the corpus size.
 
@@ -131,7 +132,8 @@ def preprocess(inputs: Sequence[str], tokenizer, seq_length: int, out_dir: str, 
 
     The directory is built beside ``out_dir`` and renamed into place when complete; an interrupted run removes it
     (a killed one leaves a ``.tmp<pid>`` directory without ``metadata.json``, which does not load and which the next
-    run with the same ``out_dir`` removes). Raises FileNotFoundError / ValueError (naming file and line) for bad
+    run with the same ``out_dir`` removes, unless ``reap`` is False: the trainer's cache, which every rank may
+    build at once). Raises FileNotFoundError / ValueError (naming file and line) for bad
     input, and ValueError when the corpus makes fewer than 2 samples.
     """
     if seq_length < 1:
@@ -143,7 +145,7 @@ def preprocess(inputs: Sequence[str], tokenizer, seq_length: int, out_dir: str, 
     width = seq_length + 1
     with_domains = domain_key is not None
     packer = _Packer(width, tokenizer.eos_id, with_domains)
-    tmp = staging_dir(out_dir)
+    tmp = staging_dir(out_dir, reap)
     bar = progress_bar(total=reader.total_bytes, desc="preprocessing", unit="B", unit_scale=True,
                        unit_divisor=1024, disable=not progress)
     try:
@@ -152,7 +154,8 @@ def preprocess(inputs: Sequence[str], tokenizer, seq_length: int, out_dir: str, 
         with ThreadPoolExecutor(1) as pool:
             pending = None
             for batch in itertools.chain(batched(reader), [None]):
-                job = None if batch is None else (batch, pool.submit(tokenizer.encode_batch, [d.text for d in batch]))
+                job = None if batch is None else (batch, pool.submit(tokenizer.encode_batch, [d.text for d in batch],
+                                                                       [d.start_of_document for d in batch]))
                 if pending:
                     writer.write(*packer.add(pending[0], pending[1].result()))
                     bar.update(reader.bytes_read - bar.n)
@@ -185,7 +188,7 @@ def cached_dataset(source: str, tokenizer, seq_length: int, cache_root: str) -> 
     out = os.path.join(cache_root, f"{os.path.splitext(os.path.basename(source))[0]}-{key}")
     if not os.path.isfile(os.path.join(out, METADATA)):
         os.makedirs(cache_root, exist_ok=True)
-        preprocess([source], tokenizer, seq_length, out)
+        preprocess([source], tokenizer, seq_length, out, reap=False)
     return out
 
 

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import os
-from typing import Iterable, List, Sequence
+from typing import Iterable, List, Optional, Sequence
 
 import numpy as np
 
@@ -17,8 +17,8 @@ class ByteTokenizer:
     def encode(self, text: str) -> List[int]:
         return list(text.encode("utf-8"))
 
-    def encode_batch(self, texts: Sequence[str]) -> List[np.ndarray]:
-        """The ids of each text, int32 arrays."""
+    def encode_batch(self, texts: Sequence[str], special: Optional[Sequence[bool]] = None) -> List[np.ndarray]:
+        """The ids of each text, int32 arrays (this tokenizer has no special tokens to add)."""
         return [np.frombuffer(t.encode("utf-8"), np.uint8).astype(np.int32) for t in texts]
 
     def decode(self, ids: Iterable[int]) -> str:
@@ -48,9 +48,20 @@ class HFTokenizer:
     def encode(self, text: str) -> List[int]:
         return self._tok.encode(text).ids
 
-    def encode_batch(self, texts: Sequence[str]) -> List[np.ndarray]:
-        """The ids of each text, int32 arrays; ``tokenizers`` encodes the batch on all cores (GIL released)."""
-        return [np.asarray(e.ids, np.int32) for e in self._tok.encode_batch(list(texts))]
+    def encode_batch(self, texts: Sequence[str], special: Optional[Sequence[bool]] = None) -> List[np.ndarray]:
+        """The ids of each text, int32 arrays; ``tokenizers`` encodes the batch on all cores (GIL released).
+        ``special[i]`` False encodes text i without the post-processor's special tokens (a piece that continues a
+        document); default: with them, as ``encode`` does."""
+        texts = list(texts)
+        special = [True] * len(texts) if special is None else list(special)
+        out: List[Optional[np.ndarray]] = [None] * len(texts)
+        for flag in (True, False):
+            idx = [i for i, s in enumerate(special) if s == flag]
+            if idx:
+                encoded = self._tok.encode_batch([texts[i] for i in idx], add_special_tokens=flag)
+                for i, e in zip(idx, encoded):
+                    out[i] = np.asarray(e.ids, np.int32)
+        return out
 
     def decode(self, ids: Iterable[int]) -> str:
         return self._tok.decode(list(ids))

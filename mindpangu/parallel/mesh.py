@@ -73,8 +73,9 @@ def resolve_mesh(cfg: Optional[MeshConfig] = None, name: str = "", devices: int 
                                            "inter_node_gbps", "gemm_max_eff", "gemm_half_flops", "intra_eff",
                                            "inter_eff") if getattr(cfg, k)}
     mesh = replace(base, **fields)
-    if mesh.devices_per_node <= 0:
-        raise ConfigError("mesh.devices_per_node", "is needed when no mesh.preset is given", value=0,
-                          allowed="a positive integer, or mesh.preset: " + " | ".join(PRESETS))
+    for key in ("devices_per_node", "peak_tflops", "hbm_gb", "intra_node_gbps", "inter_node_gbps"):
+        if getattr(mesh, key) <= 0:
+            raise ConfigError(f"mesh.{key}", "is needed when no mesh.preset is given", value=getattr(mesh, key),
+                              allowed="a positive number, or mesh.preset: " + " | ".join(PRESETS))
     nodes = cfg.nodes or (-(-devices // mesh.devices_per_node) if devices else mesh.nodes) or 1
     return replace(mesh, nodes=nodes)

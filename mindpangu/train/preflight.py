@@ -158,10 +158,11 @@ def check_data(cfg: TrainConfig) -> None:
                           allowed="a preprocessed directory or a .txt / .jsonl file")
     if not os.path.exists(d.data_path):
         raise FileNotFoundError(f"train_dataset.data_path '{d.data_path}' does not exist")
-    if os.path.isfile(d.data_path) and not d.data_path.endswith(TEXT_SUFFIXES + JSONL_SUFFIXES):
+    name = d.data_path[:-3] if d.data_path.endswith(".gz") else d.data_path
+    if os.path.isfile(d.data_path) and not name.endswith(TEXT_SUFFIXES + JSONL_SUFFIXES):
         raise ConfigError("train_dataset.data_path", "a file, but not text or JSONL", value=d.data_path,
                           allowed=f"a preprocessed directory, or a file ending in "
-                                  f"{' '.join(TEXT_SUFFIXES + JSONL_SUFFIXES)}")
+                                  f"{' '.join(TEXT_SUFFIXES + JSONL_SUFFIXES)} (optionally .gz)")
     tokenizer = load_tokenizer(d.tokenizer)
     if tokenizer.vocab_size > vocab:
         raise ConfigError("model.vocab_size", f"smaller than the tokenizer's {tokenizer.vocab_size} ids",
