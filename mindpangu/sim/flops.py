@@ -20,19 +20,10 @@ from .shape import ModelShape
 
 
 def _attention_macs(s: ModelShape, seq: int, causal: bool) -> Dict[str, float]:
-    h, n = s.hidden, s.heads
-    if s.attention == "mla":
-        dqk, dv = s.qk_nope_head_dim + s.qk_rope_head_dim, s.v_head_dim
-        q = h * s.q_lora_rank + s.q_lora_rank * n * dqk if s.q_lora_rank else h * n * dqk
-        proj = q + h * (s.kv_lora_rank + s.qk_rope_head_dim) + s.kv_lora_rank * n * (s.qk_nope_head_dim + dv) \
-            + n * dv * h
-    else:
-        d = s.head_dim or h // n
-        kv = s.kv_heads or n
-        dqk = dv = d
-        proj = h * n * d + 2 * h * kv * d + n * d * h
+    dqk, dv = s.head_dims()
     keys = (seq + 1) / 2 if causal else seq  # keys each query attends to, on average
-    return {"attention projections": float(proj), "attention scores and values": n * keys * (dqk + dv)}
+    return {"attention projections": float(s.attention_weights()),
+            "attention scores and values": s.heads * keys * (dqk + dv)}
 
 
 def _mlp_macs(s: ModelShape, ffn: int) -> float:

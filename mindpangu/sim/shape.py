@@ -62,19 +62,28 @@ class ModelShape:
         experts reaches ep (1 - (1 - 1/ep)^k) on average for uniformly random experts."""
         return self.groups_per_token(ep)
 
+    def head_dims(self) -> Tuple[int, int]:
+        """(query/key size, value size) per head."""
+        if self.attention == "mla":
+            return self.qk_nope_head_dim + self.qk_rope_head_dim, self.v_head_dim
+        d = self.head_dim or self.hidden // self.heads
+        return d, d
+
+    def attention_weights(self) -> int:
+        """Weights of one layer's attention projections (each a token's multiply-adds through them)."""
+        h, n = self.hidden, self.heads
+        dqk, dv = self.head_dims()
+        if self.attention == "mla":
+            q = h * self.q_lora_rank + self.q_lora_rank * n * dqk if self.q_lora_rank else h * n * dqk
+            return q + h * (self.kv_lora_rank + self.qk_rope_head_dim) \
+                + self.kv_lora_rank * n * (self.qk_nope_head_dim + dv) + n * dv * h
+        return h * n * dqk + 2 * h * (self.kv_heads or n) * dqk + n * dv * h
+
     def parameters(self) -> Tuple[float, float]:
         """(parameters outside the routed experts, routed-expert parameters), embedding and head included."""
-        h, n = self.hidden, self.heads
-        if self.attention == "mla":
-            dqk = self.qk_nope_head_dim + self.qk_rope_head_dim
-            q = h * self.q_lora_rank + self.q_lora_rank * n * dqk if self.q_lora_rank else h * n * dqk
-            attn = q + h * (self.kv_lora_rank + self.qk_rope_head_dim) \
-                + self.kv_lora_rank * n * (self.qk_nope_head_dim + self.v_head_dim) + n * self.v_head_dim * h
-        else:
-            d = self.head_dim or h // n
-            attn = 2 * h * n * d + 2 * h * (self.kv_heads or n) * d
+        h = self.hidden
         mats = 3 if self.mlp == "swiglu" else 2
-        dense = self.layers * attn + self.num_dense * mats * h * self.ffn
+        dense = self.layers * self.attention_weights() + self.num_dense * mats * h * self.ffn
         dense += self.num_moe * (h * self.experts + mats * h * self.shared_ffn)
         dense += self.vocab * h * (1 if self.tied_embeddings else 2)
         experts = self.num_moe * self.experts * mats * h * self.expert_ffn

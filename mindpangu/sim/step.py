@@ -106,7 +106,8 @@ def simulate_step(shape: ModelShape, layout: Layout, mesh: Mesh, run: Run,
         raise ValueError(f"global batch {run.global_batch} over {dp} DP ranks is not a whole number of "
                          f"micro-batches of {run.micro_batch}")
     stages = list(stages or even_stages(shape, pp))
-    times = [_stage_time(shape, layout, mesh, run, st) for st in stages]
+    per_token = forward_flops_per_token(shape, run.seq, causal=True)
+    times = [_stage_time(shape, layout, mesh, run, st, per_token) for st in stages]
     critical = max(range(len(stages)), key=lambda i: sum(times[i].values()))
     parts = times[critical]
     t_mb = sum(parts.values())
@@ -124,12 +125,13 @@ def simulate_step(shape: ModelShape, layout: Layout, mesh: Mesh, run: Run,
     return out
 
 
-def _stage_time(shape: ModelShape, layout: Layout, mesh: Mesh, run: Run, stage: Stage) -> Dict[str, float]:
-    """Seconds of one micro-batch through ``stage`` (all its chunks): compute and each communication."""
+def _stage_time(shape: ModelShape, layout: Layout, mesh: Mesh, run: Run, stage: Stage,
+                per_token: Dict[str, float]) -> Dict[str, float]:
+    """Seconds of one micro-batch through ``stage`` (all its chunks): compute and each communication.
+    ``per_token``: the model's forward FLOPs per token by component (``forward_flops_per_token``, causal)."""
     tp, cp, ep, dp, v = layout.tp, layout.cp, layout.ep, layout.dp, layout.vpp
     tokens = run.micro_batch * run.seq / cp  # per device per micro-batch, before TP
     layers = stage.dense_layers + stage.moe_layers
-    per_token = forward_flops_per_token(shape, run.seq, causal=True)
     h = shape.hidden
     d_attn = shape.heads * (shape.head_dim or h // shape.heads)
     peak = mesh.peak_tflops * 1e12
