@@ -119,7 +119,7 @@ def convert_main(argv=None):
     args = p.parse_args(argv)
     import gc
 
-    from .convert.checkpoint import OPTIMIZER_STATE, checkpoint_config, load_ms_checkpoint, save_ms_checkpoint
+    from .convert.checkpoint import checkpoint_config, load_ms_checkpoint, save_ms_checkpoint
     from .convert.hf import assign, check_names, check_shape, load_hf_directory, save_hf_directory
     from .models import build_model
 
@@ -135,7 +135,6 @@ def convert_main(argv=None):
     shapes = {p.name: tuple(p.shape) for p in build_model(cfg, init=False).get_parameters()}
     gc.collect()  # the cells hold reference cycles: free the model before the checkpoint is read
     _, params = load_ms_checkpoint(args.ckpt, args.config)
-    params = {k: v for k, v in params.items() if not k.startswith(OPTIMIZER_STATE)}
     check_names(shapes, params, args.ckpt)
     for name, value in params.items():
         check_shape(name, value, shapes[name], args.ckpt)

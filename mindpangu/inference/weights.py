@@ -58,7 +58,8 @@ def load_model(cfg: Optional[ModelConfig], ckpt: str = "", hf: str = ""):
 
         saved_cfg = model_config_from_dict(state["model"])
         try:
-            params = {k: v.asnumpy() for k, v in ms.load_checkpoint(os.path.join(step_dir, "state.ckpt")).items()}
+            params = {k: v.asnumpy() for k, v in ms.load_checkpoint(
+                os.path.join(step_dir, "state.ckpt"), choice_func=lambda n: not n.startswith(OPTIMIZER_STATE)).items()}
         except Exception as e:
             raise ValueError(f"cannot read checkpoint '{step_dir}': {str(e).splitlines()[0]}") from None
         source = step_dir
@@ -69,7 +70,5 @@ def load_model(cfg: Optional[ModelConfig], ckpt: str = "", hf: str = ""):
     else:
         _check_same_model(saved_cfg.to_dict(), cfg, source)
     model = build_model(cfg, init=False)
-    if not hf:  # a training checkpoint also holds the optimizer's moments; an HF directory streams as it is
-        params = {k: v for k, v in params.items() if not k.startswith(OPTIMIZER_STATE)}
     assign(model, params, source)
     return model
