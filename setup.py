@@ -46,6 +46,7 @@ setup(
             "mindpangu-simulate=mindpangu.cli:simulate_main",
             "mindpangu-sim-compile=mindpangu.cli:sim_compile_main",
             "mindpangu-to-mindformers=mindpangu.cli:to_mindformers_main",
+            "mindpangu-ablate=mindpangu.cli:ablate_main",
         ],
     },
 )

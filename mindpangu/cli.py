@@ -472,3 +472,46 @@ def to_mindformers_main(argv=None):
 
     write_text_atomic(args.out, header + yaml.safe_dump(relative(data), sort_keys=False))
     print(f"wrote {args.out}")
+
+
+@_friendly
+def ablate_main(argv=None):
+    """Reproduce a paper ablation at small scale: run a suite of yaml_configs/ablations/ (arms x learning rates x
+    seeds, each run in its own process, resumable), then write results.csv, plots and report.md
+    (mindpangu/ablate; the published results are in docs/ablations.md)."""
+    from .ablate.suite import SCALES, available_suites
+
+    p = argparse.ArgumentParser(prog="mindpangu-ablate", description=ablate_main.__doc__)
+    p.add_argument("--suite", required=True, help="suite name (" + ", ".join(available_suites()) +
+                   ") or a suite YAML file")
+    p.add_argument("--scale", default="default", choices=SCALES,
+                   help="smoke: a few steps, one seed (keeps the tool working); default: fits about 45 minutes on "
+                        "a 2-core box; full: deeper, longer, more seeds")
+    p.add_argument("--seeds", type=int, default=None, help="seeds per arm (default: the scale's)")
+    p.add_argument("--out", default="", help="output directory (default: output/ablations/<suite>-<scale>)")
+    p.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1),
+                   help="runs at once, each on one runtime thread (default: 2 on 2+ cores); results do not "
+                        "depend on it")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    args = p.parse_args(argv)
+    if args.seeds is not None and args.seeds < 1:
+        raise ValueError(f"--seeds must be >= 1, got {args.seeds}")
+    if args.jobs < 1:
+        raise ValueError(f"--jobs must be >= 1, got {args.jobs}")
+    import time
+
+    from .ablate.report import write_report
+    from .ablate.runner import SuiteFailed, run_suite
+    from .ablate.suite import load_suite
+
+    suite = load_suite(args.suite, args.scale, args.seeds)
+    out = args.out or os.path.join("output", "ablations", f"{suite.name}-{suite.scale}")
+    start = time.perf_counter()
+    try:
+        results = run_suite(suite, out, args.jobs, not args.no_progress)
+    except SuiteFailed as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(3)
+    command = "mindpangu-ablate " + " ".join(argv if argv is not None else sys.argv[1:])
+    path = write_report(suite, results, out, command, time.perf_counter() - start)
+    print(f"{len(results)} runs; report: {path}")

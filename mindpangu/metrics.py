@@ -72,3 +72,65 @@ def imbalance_monte_carlo(trials: int, tokens: int = 16, num_experts: int = 64, 
         n = min(chunk, trials - start)
         out.append(imbalance_score(random_routing(n, tokens, num_experts, k, groups, moge, rng), num_experts, groups))
     return np.concatenate(out)
+
+
+# ---- ablation metrics (docs/ablations.md; sources in each docstring) --------------------------------------------
+
+def spike_score(values, sigma: float = 7.0, window: int = 1000, start: float = 0.1, end: float = 0.9) -> float:
+    """OLMo 2's spike score (arXiv 2501.00656 §3.2): the share of values at least ``sigma`` standard deviations
+    away from the rolling average of the previous ``window`` values, over the run's ``[start, end)`` fraction
+    (ProRes' 10-90 % convention). Value i is judged against values[max(0, i - window): i] (mean and population
+    std; at least 2 of them, else it is not judged). Non-finite values count as spikes and are left out of later
+    windows. Returns a fraction in [0, 1]; 0.0 when nothing is judged."""
+    v = np.asarray(values, np.float64)
+    n = len(v)
+    lo, hi = int(np.floor(start * n)), int(np.ceil(end * n))
+    judged = spikes = 0
+    for i in range(max(lo, 2), hi):
+        if not np.isfinite(v[i]):
+            judged += 1
+            spikes += 1
+            continue
+        past = v[max(0, i - window): i]
+        past = past[np.isfinite(past)]
+        if len(past) < 2:
+            continue
+        judged += 1
+        spikes += abs(v[i] - past.mean()) >= sigma * past.std()
+    return float(spikes / judged) if judged else 0.0
+
+
+def lr_sensitivity(final_losses, init_loss: float) -> float:
+    """Wortsman et al. 2023 (arXiv 2309.14322 §3.1) learning-rate sensitivity over a log-uniform grid:
+    mean over the grid of min(loss(lr), init_loss) - min over the grid of loss(lr). A diverged (non-finite) run
+    counts as init_loss. 0 means the final loss does not depend on the learning rate; larger is more sensitive."""
+    v = np.asarray(final_losses, np.float64)
+    v = np.where(np.isfinite(v), np.minimum(v, init_loss), init_loss)
+    return float(v.mean() - v.min())
+
+
+def max_violation(counts) -> np.ndarray:
+    """MaxVio (Wang et al. 2024, arXiv 2408.15664 §4.1): (max_i load_i - mean load) / mean load per row of
+    per-expert counts [..., E]; 0 where a row is empty."""
+    c = np.asarray(counts, np.float64)
+    mean = c.mean(-1)
+    return np.where(mean > 0, (c.max(-1) - mean) / np.where(mean > 0, mean, 1.0), 0.0)
+
+
+def kl_from_uniform(counts) -> np.ndarray:
+    """KL(p || uniform) in nats of the expert-frequency distribution p = counts / sum per row [..., E]: 0 for a
+    uniform choice of experts, log(E) when one expert takes everything (specialisation, papers.md A9)."""
+    c = np.asarray(counts, np.float64)
+    total = c.sum(-1, keepdims=True)
+    p = c / np.where(total > 0, total, 1.0)
+    e = c.shape[-1]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        terms = np.where(p > 0, p * np.log(p * e), 0.0)
+    return terms.sum(-1)
+
+
+def drop_rate(counts, tokens: int, top_k: int, capacity: int) -> np.ndarray:
+    """Share of routed (token, expert) pairs an expert capacity drops: sum_e max(count_e - capacity, 0) / (T * K)
+    per row of per-expert counts [..., E] of a micro-batch of ``tokens`` tokens (each expert keeps ``capacity``)."""
+    c = np.asarray(counts, np.float64)
+    return np.maximum(c - capacity, 0.0).sum(-1) / (tokens * top_k)

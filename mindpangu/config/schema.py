@@ -47,6 +47,11 @@ class BalanceLossConfig(Section):
     z_loss_coeff: float = option(0.0, "Router z-loss weight (mean of logsumexp(logits)^2); 0 disables it.",
                                  ge=0.0, aliases=("moe_z_loss_coeff", "z_loss_factor"))
     expert_bias: ExpertBiasConfig = option(ExpertBiasConfig(), "Aux-loss-free expert bias (a control).")
+    moge_probs: str = option("global", "MoGE only: the p_i of the loss. global: the global softmax over all "
+                                       "experts, one loss over all experts (Pangu Pro MoE §2.2). group: p_i "
+                                       "renormalised within each expert group and the loss averaged over the "
+                                       "groups (the local variant the paper finds inferior).",
+                             choices=("global", "group"))
 
 
 @dataclass
@@ -93,8 +98,17 @@ class MoEConfig(Section):
                                          "token count. Dynamic-shape graphs (serving export) need a fixed size.",
                                       ge=0)
     balance_loss: BalanceLossConfig = option(BalanceLossConfig(), "Load-balancing loss.")
+    capacity_factor: Optional[float] = option(
+        None, "null: dropless (the default; both papers train dropless). A number: drop-and-pad with Megatron's "
+              "capacity = ceil(T * K * capacity_factor / num_experts) (T tokens of the micro-batch the layer sees); "
+              "each expert keeps its capacity routed tokens with the largest routing weight (Megatron's "
+              "moe_token_drop_policy=probs) and a dropped token's weight for that expert becomes 0.",
+        gt=0.0, aliases=("moe_expert_capacity_factor",))
 
     def validate(self, path, origins):
+        if self.balance_loss.moge_probs == "group" and self.router != "moge":
+            _fail(path, "balance_loss.moge_probs", "'group' applies to router 'moge' only", origins,
+                  self.balance_loss.moge_probs, "global (or router: moge)")
         if self.dispatch_block_size and self.dispatch_backend != "reference":
             _fail(path, "dispatch_block_size", f"needs dispatch_backend 'reference' (the {self.dispatch_backend} "
                   "dispatch sizes its blocks itself)", origins, self.dispatch_block_size, "0")
@@ -331,6 +345,9 @@ class ContextConfig(Section):
     device_id: int = option(0, "Device index.", ge=0)
     max_device_memory: Optional[str] = option(None, "Device memory cap, e.g. '58GB' (Ascend).")
     jit_level: Optional[str] = option(None, "MindSpore jit level (O0/O1/O2).", choices=(None, "O0", "O1", "O2"))
+    runtime_num_threads: Optional[int] = option(None, "Threads of MindSpore's CPU runtime (default: its own "
+                                                      "choice). 1 lets several runs share the cores "
+                                                      "(mindpangu-ablate --jobs).", ge=1)
 
     def validate(self, path, origins):
         if self.mode not in (0, 1, "GRAPH_MODE", "PYNATIVE_MODE"):

@@ -182,13 +182,15 @@ def preprocess(inputs: Sequence[str], tokenizer, seq_length: int, out_dir: str, 
     return meta
 
 
-def cached_dataset(source: str, tokenizer, seq_length: int, cache_root: str) -> str:
-    """A MindRecord directory for a raw text/JSONL file, built once into ``cache_root`` (keyed by content)."""
-    key = _fingerprint([source], tokenizer.name, seq_length)
+def cached_dataset(source: str, tokenizer, seq_length: int, cache_root: str,
+                   domain_key: Optional[str] = None) -> str:
+    """A MindRecord directory for a raw text/JSONL file, built once into ``cache_root`` (keyed by content, and by
+    ``domain_key``: the JSONL field of each document's domain label, see ``preprocess``)."""
+    key = _fingerprint([source], tokenizer.name, seq_length, domain_key=domain_key)
     out = os.path.join(cache_root, f"{os.path.splitext(os.path.basename(source))[0]}-{key}")
     if not os.path.isfile(os.path.join(out, METADATA)):
         os.makedirs(cache_root, exist_ok=True)
-        preprocess([source], tokenizer, seq_length, out, reap=False)
+        preprocess([source], tokenizer, seq_length, out, domain_key=domain_key, reap=False)
     return out
 
 

@@ -2,9 +2,11 @@
 
 Both compute scores in float32 and return what the balance losses and metrics need:
 ``weights [T, K]``, ``indices [T, K]`` (int32), ``scores [T, E]`` (sigmoid or global softmax, before top-k),
-``logits [T, E]`` (for the z-loss) and ``counts [E]`` (tokens per expert).
+``logits [T, E]`` (for the z-loss) and ``counts [E]`` (tokens per expert, before any capacity drop).
 """
 from __future__ import annotations
+
+import math
 
 import numpy as np
 import mindspore as ms
@@ -17,6 +19,28 @@ def expert_counts(indices, num_experts: int):
     """Tokens routed to each expert: [T, K] int -> [E] int32."""
     onehot = ops.one_hot(indices.reshape(-1), num_experts, Tensor(1, ms.int32), Tensor(0, ms.int32))
     return onehot.sum(0)
+
+
+def expert_capacity(num_tokens: int, top_k: int, num_experts: int, capacity_factor: float) -> int:
+    """Megatron's per-expert capacity (``moe_utils.get_capacity``): ceil(T * K * capacity_factor / E), at most
+    T (a token picks an expert at most once)."""
+    return min(num_tokens, math.ceil(num_tokens * top_k * capacity_factor / num_experts))
+
+
+def capacity_keep(weights, indices, num_experts: int, capacity: int):
+    """Drop-and-pad: which routed (token, expert) pairs each expert keeps under ``capacity``.
+
+    weights [T, K] float32 (the priority: Megatron's ``probs`` drop policy keeps the largest routing weights),
+    indices [T, K] int32 -> keep [T, K] float32 (1 kept, 0 dropped). An expert with at most ``capacity`` pairs
+    keeps them all; otherwise it keeps the ``capacity`` largest (pairs of exactly equal weight at the threshold
+    are all kept). Weights must be >= 0 (sigmoid / softmax scores are)."""
+    t, k = indices.shape
+    onehot = ops.one_hot(indices.reshape(-1), num_experts, Tensor(1.0, ms.float32), Tensor(0.0, ms.float32))
+    # [E, T*K]: each pair's weight in its expert's row, -1 elsewhere
+    key = (onehot * (ops.stop_gradient(weights).reshape(-1, 1) + 1.0) - 1.0).transpose(1, 0)
+    threshold = ops.topk(key, capacity)[0][:, capacity - 1]  # [E]: the capacity-th largest of each expert
+    kept = key >= threshold.reshape(-1, 1)
+    return (ops.cast(kept, ms.float32) * onehot.transpose(1, 0)).sum(0).reshape(t, k)
 
 
 class Router(nn.Cell):
@@ -48,6 +72,7 @@ class Router(nn.Cell):
         if self.moge:
             offsets = np.arange(cfg.num_groups, dtype=np.int32).reshape(1, -1, 1) * self.per_group
             self.group_offsets = Tensor(offsets)
+        self.capacity_factor = cfg.capacity_factor
         self.argmax = ops.Argmax(-1, ms.int32)
         self.on, self.off = Tensor(1, ms.int32), Tensor(0, ms.int32)
         self.use_kernel = backend == "cpu_kernel"
@@ -77,11 +102,19 @@ class Router(nn.Cell):
         return ops.concat(picks, -1)  # (Stack of 1-D picks fails semi-auto parallel's operator init on Ascend)
 
     def route(self, logits):
-        """Router logits [T, E] -> (weights, indices, scores, logits, counts)."""
+        """Router logits [T, E] -> (weights, indices, scores, logits, counts); under ``capacity_factor`` the
+        weights of dropped pairs are 0 (``capacity_keep``)."""
+        weights, indices, scores, counts = self.select(logits)
+        if self.capacity_factor is not None:
+            capacity = expert_capacity(logits.shape[0], self.top_k, self.num_experts, self.capacity_factor)
+            weights = weights * capacity_keep(weights, indices, self.num_experts, capacity)
+        return weights, indices, scores, logits, counts
+
+    def select(self, logits):
+        """Router logits [T, E] -> (weights, indices, scores, counts): the routing rule, without capacity."""
         if self.use_kernel:
             bias = self.e_score_correction_bias if self.use_bias else self.no_bias
-            weights, indices, scores, counts = self.kernel(logits, bias, self.kernel_config)
-            return weights, indices, scores, logits, counts
+            return self.kernel(logits, bias, self.kernel_config)
         scores = ops.softmax(logits, -1) if self.softmax_scores else ops.sigmoid(logits)
         choice = scores
         if self.use_bias:
@@ -99,5 +132,4 @@ class Router(nn.Cell):
             weights = weights / (weights.sum(-1, keepdims=True) + 1e-20)
         if self.scaling != 1.0:
             weights = weights * self.scaling
-        counts = expert_counts(indices, self.num_experts)
-        return weights, indices, scores, logits, counts
+        return weights, indices, scores, expert_counts(indices, self.num_experts)

@@ -12,6 +12,8 @@ The three types differ only in which tokens the statistics pool over:
 - global_batch: f_i over the whole global batch (all gradient-accumulation micro-batches), passed in as
   ``pooled_counts``; p_i per micro-batch, so the accumulated (averaged) loss is exactly the pooled one, whatever
   the split into micro-batches.
+MoGE with ``balance_loss.moge_probs: group`` renormalises p_i within each of the M expert groups and averages the
+M per-group losses (each sum_{i in g} f_i * p_i^g; 1 at perfect balance, like the global loss).
 """
 from __future__ import annotations
 
@@ -52,10 +54,14 @@ def routed_counts(indices, num_experts: int):
 
 
 def balance_loss(scores, indices, num_experts: int, top_k: int, kind: str, virtual_ranks: int, sigmoid: bool,
-                 pooled_counts=None, pooled_tokens=None):
-    """sum_i f_i * p_i for one MoE layer (unweighted; multiply by alpha outside). See the module docstring."""
+                 pooled_counts=None, pooled_tokens=None, prob_groups: int = 1):
+    """sum_i f_i * p_i for one MoE layer (unweighted; multiply by alpha outside). See the module docstring.
+    ``prob_groups`` > 1: p_i renormalised within that many contiguous expert groups, the loss averaged over them."""
     t = scores.shape[0]
     probs = router_probabilities(scores, sigmoid)
+    if prob_groups > 1:
+        grouped = probs.reshape(t, prob_groups, num_experts // prob_groups)
+        probs = (grouped / (grouped.sum(-1, keepdims=True) + 1e-20)).reshape(t, num_experts) / prob_groups
     counts = ops.stop_gradient(routed_counts(indices, num_experts))
     if kind == "global_batch":
         f = pooled_counts * (num_experts / (top_k * pooled_tokens))
@@ -90,6 +96,7 @@ class RouteLosses(nn.Cell):
         self.num_experts, self.top_k = m.moe.num_experts, m.moe.num_experts_per_tok
         self.sigmoid = m.moe.score_function == "sigmoid"
         self.virtual_ranks = cfg.parallel_config.expert_parallel
+        self.prob_groups = m.moe.num_groups if b.moge_probs == "group" else 1
 
     def construct(self, route, pooled_counts, pooled_tokens):
         _, indices, scores, logits, _ = route
@@ -97,7 +104,7 @@ class RouteLosses(nn.Cell):
         zl = ops.zeros((), ms.float32)
         if self.kind != "none":
             bal = balance_loss(scores, indices, self.num_experts, self.top_k, self.kind, self.virtual_ranks,
-                               self.sigmoid, pooled_counts, pooled_tokens)
+                               self.sigmoid, pooled_counts, pooled_tokens, self.prob_groups)
         if self.z_on:
             zl = z_loss(logits)
         return bal, zl

@@ -83,6 +83,8 @@ class Trainer:
                        device_target=cfg.context.device_target)
         if cfg.context.jit_level:
             ms.set_context(jit_config={"jit_level": cfg.context.jit_level})
+        if cfg.context.runtime_num_threads:
+            ms.set_context(runtime_num_threads=cfg.context.runtime_num_threads)
         ms.set_seed(cfg.seed)
         self.rank, self.world = init_data_parallel()
         self.is_main = self.rank == 0  # writes logs, metrics and checkpoints

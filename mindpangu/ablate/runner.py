@@ -1,0 +1,142 @@
+"""Run a suite: prepare the data once, run every (arm, learning rate, seed) in its own process (``worker.py``),
+``jobs`` at a time, with one progress bar over the whole suite; then write results.csv, plots and report.md.
+
+Layout of ``out``::
+
+    runs/<arm>/[lr<lr>/]seed<i>/   spec.json, train.log, metrics.jsonl, checkpoints/, result.json (last)
+    results.csv, arms.csv, report.md, *.png, suite.json
+
+Resuming: a run whose result.json exists and whose spec.json equals the new spec is kept; any other run directory
+is removed and the run redone from scratch (runs are deterministic, so a redone run gives the same numbers).
+Every run uses ``context.runtime_num_threads: 1``, so its numbers do not depend on ``jobs``.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from typing import Dict, List, Optional
+
+from ..config import load_config
+from ..data.mindrecord import cached_dataset
+from ..data.tokenizer import load_tokenizer
+from ..fsutil import cache_root, write_text_atomic
+from ..progress import progress_bar
+from .suite import Run, Suite, repo_root
+from .worker import RESULT, SPEC
+
+
+class SuiteFailed(RuntimeError):
+    """Some runs of a suite failed (their logs are named)."""
+
+
+def _overrides(values: Dict) -> List[str]:
+    return [f"{k}={json.dumps(v)}" for k, v in values.items()]
+
+
+def prepare_data(suite: Suite) -> str:
+    """The suite's corpus as a MindRecord directory in the cache (with domain labels for JSONL corpora whose
+    lines carry a ``domain`` field), built once and shared by every run."""
+    cfg = load_config(suite.base, _overrides(suite.overrides))
+    d = cfg.train_dataset
+    domain_key = None
+    if suite.data.endswith((".jsonl", ".jsonl.gz")):
+        with open(suite.data, encoding="utf-8") as fh:
+            domain_key = "domain" if "domain" in json.loads(fh.readline()) else None
+    return cached_dataset(suite.data, load_tokenizer(d.tokenizer), d.seq_length, os.path.join(cache_root(), "data"),
+                          domain_key=domain_key)
+
+
+def run_spec(suite: Suite, run: Run, out: str, data_dir: str) -> Dict:
+    """What ``worker.py`` needs for one run (also what decides whether a finished run can be kept)."""
+    base_seed = load_config(suite.base).seed
+    overrides = dict(run.overrides)
+    overrides.update({"output_dir": os.path.join(out, "runs", run.key), "train_dataset.data_path": data_dir,
+                      "seed": base_seed + run.seed_index, "logging.tensorboard": False,
+                      "context.runtime_num_threads": 1, "resume_training": False})
+    return {"suite": suite.name, "scale": suite.scale, "base": suite.base, "key": run.key, "arm": run.arm,
+            "lr": run.lr, "seed_index": run.seed_index, "overrides": _overrides(overrides),
+            "analysis": suite.analysis, "steps": int(load_config(suite.base, _overrides(overrides))
+                                                     .runner_config.train_steps)}
+
+
+def _steps_done(path: str) -> int:
+    try:
+        with open(path, "rb") as fh:
+            return sum(1 for line in fh if b'"kind": "train"' in line)
+    except OSError:
+        return 0
+
+
+def run_suite(suite: Suite, out: str, jobs: int = 1, progress: bool = True,
+              python: Optional[str] = None) -> List[Dict]:
+    """Run every unfinished run of ``suite`` into ``out`` and return all results (expansion order).
+    Raises SuiteFailed naming the failed runs' logs after the others finished."""
+    os.makedirs(out, exist_ok=True)
+    data_dir = prepare_data(suite)
+    specs = [run_spec(suite, r, out, data_dir) for r in suite.runs]
+    todo = []
+    for spec in specs:
+        d = os.path.join(out, "runs", spec["key"])
+        if os.path.isfile(os.path.join(d, RESULT)) and _load(os.path.join(d, SPEC)) == spec:
+            continue
+        shutil.rmtree(d, ignore_errors=True)
+        todo.append(spec)
+    total = sum(s["steps"] for s in todo)
+    bar = progress_bar(total=total, desc=f"{suite.name} ({len(specs) - len(todo)}/{len(specs)} runs done)",
+                       unit="step", disable=not progress)
+    env = dict(os.environ)
+    env["PYTHONPATH"] = repo_root() + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    env.setdefault("GLOG_v", "3")
+    active: Dict[str, tuple] = {}
+    failed, finished, credited = [], len(specs) - len(todo), {}
+    queue = list(todo)
+    try:
+        while queue or active:
+            while queue and len(active) < max(1, jobs):
+                spec = queue.pop(0)
+                d = os.path.join(out, "runs", spec["key"])
+                os.makedirs(d, exist_ok=True)
+                write_text_atomic(os.path.join(d, SPEC), json.dumps(spec, indent=1))
+                log = open(os.path.join(d, "train.log"), "w", encoding="utf-8")
+                proc = subprocess.Popen([python or sys.executable, "-m", "mindpangu.ablate.worker",
+                                         os.path.join(d, SPEC)], stdout=log, stderr=subprocess.STDOUT, env=env)
+                active[spec["key"]] = (proc, log, spec, d)
+                credited[spec["key"]] = 0
+            time.sleep(0.5)
+            for key, (proc, log, spec, d) in list(active.items()):
+                done = _steps_done(os.path.join(d, "metrics.jsonl"))
+                bar.update(max(0, min(done, spec["steps"]) - credited[key]))
+                credited[key] = max(credited[key], min(done, spec["steps"]))
+                if proc.poll() is None:
+                    continue
+                log.close()
+                del active[key]
+                bar.update(spec["steps"] - credited[key])  # a run that stopped early still counts as done
+                if proc.returncode != 0 or not os.path.isfile(os.path.join(d, RESULT)):
+                    failed.append(f"{key} (exit {proc.returncode}; log {os.path.join(d, 'train.log')})")
+                finished += 1
+                bar.set_description(f"{suite.name} ({finished}/{len(specs)} runs done)", refresh=False)
+            if active:
+                bar.set_postfix_str(", ".join(sorted(active)), refresh=False)
+    except BaseException:
+        for proc, log, _, _ in active.values():
+            proc.kill()
+            log.close()
+        raise
+    finally:
+        bar.close()
+    if failed:
+        raise SuiteFailed(f"{len(failed)} of {len(specs)} runs of suite '{suite.name}' failed: " + "; ".join(failed))
+    return [_load(os.path.join(out, "runs", s["key"], RESULT)) for s in specs]
+
+
+def _load(path: str):
+    try:
+        with open(path, encoding="utf-8") as fh:
+            return json.load(fh)
+    except (OSError, ValueError):
+        return None
