@@ -80,7 +80,7 @@ def spike_score(values, sigma: float = 7.0, window: int = 1000, start: float = 0
     """OLMo 2's spike score (arXiv 2501.00656 §3.2): the share of values at least ``sigma`` standard deviations
     away from the rolling average of the previous ``window`` values, over the run's ``[start, end)`` fraction
     (ProRes' 10-90 % convention). Value i is judged against values[max(0, i - window): i] (mean and population
-    std; at least 2 of them, else it is not judged). Non-finite values count as spikes and are left out of later
+    std; at least 2 of them, else it is not judged; a value equal to the mean is never a spike). Non-finite values count as spikes and are left out of later
     windows. Returns a fraction in [0, 1]; 0.0 when nothing is judged."""
     v = np.asarray(values, np.float64)
     n = len(v)
@@ -96,7 +96,8 @@ def spike_score(values, sigma: float = 7.0, window: int = 1000, start: float = 0
         if len(past) < 2:
             continue
         judged += 1
-        spikes += abs(v[i] - past.mean()) >= sigma * past.std()
+        dev = abs(v[i] - past.mean())
+        spikes += dev > 0 and dev >= sigma * past.std()
     return float(spikes / judged) if judged else 0.0
 
 

@@ -59,7 +59,7 @@ def run_spec(suite: Suite, run: Run, out: str, data_dir: str) -> Dict:
                       "context.runtime_num_threads": 1, "resume_training": False})
     return {"suite": suite.name, "scale": suite.scale, "base": suite.base, "key": run.key, "arm": run.arm,
             "lr": run.lr, "seed_index": run.seed_index, "overrides": _overrides(overrides),
-            "analysis": suite.analysis, "steps": int(load_config(suite.base, _overrides(overrides))
+            "analysis": suite.analysis, "target_loss": suite.target_loss, "steps": int(load_config(suite.base, _overrides(overrides))
                                                      .runner_config.train_steps)}
 
 

@@ -11,7 +11,8 @@ A suite file (YAML, ``safe_load``)::
       pre_ln/baseline: {model.norm_layout: pre_ln, model.init_method: baseline}
     learning_rates: [1.0e-3, 3.0e-3]      # optional grid over lr_schedule.learning_rate
     seeds: 2                              # seeds 0..n-1 (the run's seed is base seed + index)
-    analysis: [stability]                 # probes after each run: stability, routing, capacity, mtp
+    analysis: [stability]                 # probes after each run: stability, routing, mtp
+    target_loss: 2.5                      # optional: tokens_to_target, when the train loss first reaches it
     scales:                               # smoke | default | full: overrides of the keys above
       smoke: {seeds: 1, overrides: {runner_config.train_steps: 3}}
     claims:                               # what the report checks (mindpangu/ablate/report.py)
@@ -29,12 +30,12 @@ from typing import Any, Dict, List, Optional
 import yaml
 
 SCALES = ("smoke", "default", "full")
-ANALYSES = ("stability", "routing", "capacity", "mtp")
+ANALYSES = ("stability", "routing", "mtp")
 EXPECT = ("lower", "higher", "positive", "negative")
 BUNDLED_DATA = {"domains": ("data", "domains", "corpus.jsonl"), "shakespeare": ("data", "shakespeare", "plays.txt")}
 SUITE_DIR = os.path.join("yaml_configs", "ablations")
 _TOP_KEYS = {"suite", "title", "base", "data", "overrides", "arms", "learning_rates", "seeds", "analysis",
-             "scales", "claims", "notes"}
+             "scales", "claims", "notes", "target_loss"}
 _SCALE_KEYS = {"overrides", "learning_rates", "seeds", "notes"}
 _CLAIM_KEYS = {"id", "source", "paper", "metric", "baseline", "treatment", "expect", "arm", "note"}
 
@@ -107,6 +108,7 @@ class Suite:
     analysis: List[str]
     claims: List[Claim]
     notes: str = ""
+    target_loss: Optional[float] = None
     runs: List[Run] = field(default_factory=list)
 
     def expand(self) -> List[Run]:
@@ -203,8 +205,11 @@ def load_suite(name: str, scale: str = "default", seeds: Optional[int] = None) -
             if getattr(claim, key) not in arms:
                 _fail(path, f"claims[{i}].{key}", f"'{getattr(claim, key)}' is not an arm", ", ".join(arms))
         claims.append(claim)
+    target = raw.get("target_loss")
+    if target is not None and not (isinstance(target, (int, float)) and target > 0):
+        _fail(path, "target_loss", f"must be a positive number, got {target!r}")
     suite = Suite(stem, path, str(raw.get("title", stem)), base_path, data_path, scale, overrides, arms,
                   [float(x) for x in lrs], n_seeds, list(analysis), claims,
-                  str(top.get("notes", raw.get("notes", ""))))
+                  str(top.get("notes", raw.get("notes", ""))), None if target is None else float(target))
     suite.runs = suite.expand()
     return suite

@@ -34,6 +34,15 @@ def _series(path: str) -> Dict[str, List[float]]:
     return {"lm_loss": loss, "grad_norm": grad, "eval_loss": evals}
 
 
+def tokens_to_target(losses, target: float, tokens_per_step: int, window: int = 10) -> float:
+    """Training tokens until the mean of the last ``window`` train losses first reaches ``target`` (the steps of
+    that window counted); NaN when it never does."""
+    for i in range(window, len(losses) + 1):
+        if np.mean(losses[i - window:i]) <= target:
+            return float(i * tokens_per_step)
+    return float("nan")
+
+
 def _finite_mean(xs) -> float:
     xs = [x for x in xs if math.isfinite(x)]
     return float(np.mean(xs)) if xs else float("nan")
@@ -66,6 +75,9 @@ def run(spec: Dict) -> Dict:
     capacity = None
     tokens = cfg.runner_config.batch_size * cfg.train_dataset.seq_length
     if m.moe.capacity_factor is not None:
+        if cfg.runner_config.gradient_accumulation_steps != 1:
+            raise ValueError("the drop rate is counted per micro-batch: a capacity_factor run needs "
+                             "runner_config.gradient_accumulation_steps: 1")
         capacity = expert_capacity(tokens, m.moe.num_experts_per_tok, m.moe.num_experts, m.moe.capacity_factor)
     drops: List[List[float]] = []
     gammas: List[Dict] = []
@@ -118,6 +130,9 @@ def run(spec: Dict) -> Dict:
         "max_grad_norm": max((g for g in grad if math.isfinite(g)), default=float("nan")),
         "nonfinite_steps": sum(1 for x in loss if not math.isfinite(x)),
     })
+    if spec.get("target_loss") is not None:
+        result["tokens_to_target"] = tokens_to_target(loss, spec["target_loss"], tokens
+                                                      * cfg.runner_config.gradient_accumulation_steps)
     if series["eval_loss"]:
         result["eval_loss"] = series["eval_loss"][-1]
     result["diverged"] = int(bool(stopped) or not math.isfinite(result["final_train_loss"])
