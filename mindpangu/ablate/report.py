@@ -195,10 +195,11 @@ def plots(suite: Suite, results: Sequence[Dict], arms: Sequence[Dict], out: str)
             if post:
                 axes[0].plot([g[0] for g in post], label=f"{r['arm']} end", marker=".")
                 axes[0].plot([g[0] for g in r["gamma"][0]["post_mlp_layernorm"]], ls=":", color="grey", lw=0.8)
-            axes[1].plot(r["act_rms_end"], label=r["arm"], marker=".")
+            line, = axes[1].plot(r["act_rms_end"], label=r["arm"], marker=".")
+            axes[1].plot(r["act_rms_init"], ls=":", color=line.get_color(), lw=0.8)
         axes[0].set(xlabel="layer", ylabel="post-MLP norm gamma, mean", title="gamma by depth (dotted: init)")
         axes[1].set(xlabel="residual stream after layer", ylabel="RMS", yscale="log",
-                    title="activation RMS by depth, end of training")
+                    title="activation RMS by depth (dotted: init)")
         axes[0].legend(fontsize=7)
         axes[1].legend(fontsize=7)
         fig.tight_layout()
@@ -236,15 +237,30 @@ def plots(suite: Suite, results: Sequence[Dict], arms: Sequence[Dict], out: str)
 
     with_is = [r for r in results if r.get("imbalance_by_batch") and r["seed_index"] == 0]
     if with_is:
+        from ..metrics import imbalance_monte_carlo
+
         sizes = sorted({int(k) for r in with_is for k in r["imbalance_by_batch"]})
-        fig, ax = plt.subplots(figsize=(7, 4))
+        fig, axes = plt.subplots(1, 2, figsize=(12, 4))
+        e, k, devices, _ = with_is[0]["routing_shape"]
+        random_is = imbalance_monte_carlo(20000, 16, e, k, devices, moge=False, seed=0)
+        top = max(random_is.max(), max(max(r["imbalance_by_batch"].get("16", [0])) for r in with_is))
+        bins = np.arange(-1 / 32, top + 1 / 16, 1 / 16)
+        axes[0].hist(random_is, bins=bins, weights=np.full(random_is.size, 1 / random_is.size), alpha=0.5,
+                     color="grey", label=f"random top-{k} (mean {random_is.mean():.3f})")
         for r in with_is:
-            ax.plot(sizes, [np.mean(r["imbalance_by_batch"][str(s)]) for s in sizes], marker="o", label=r["arm"])
-        if any(r.get("random_routing_is") for r in with_is):
-            ax.axhline(with_is[0]["random_routing_is"], ls=":", color="grey", label="random top-k (16 tokens)")
-        ax.set(xscale="log", xlabel="tokens per batch", ylabel="mean imbalance score",
-               title="device imbalance of trained routers (held-out data)")
-        ax.legend(fontsize=7)
+            v = np.asarray(r["imbalance_by_batch"].get("16", []))
+            if len(v):
+                axes[0].hist(v, bins=bins, weights=np.full(v.size, 1 / v.size), alpha=0.5,
+                             label=f"{r['arm']} trained (mean {v.mean():.3f})")
+        axes[0].set(xlabel="imbalance score, batches of 16 tokens", ylabel="share of batches",
+                    title=f"IS histogram ({e} experts, top-{k}, {devices} devices)")
+        for r in with_is:
+            axes[1].plot(sizes, [np.mean(r["imbalance_by_batch"][str(s)]) for s in sizes], marker="o", label=r["arm"])
+        axes[1].axhline(random_is.mean(), ls=":", color="grey", label="random top-k (16 tokens)")
+        axes[1].set(xscale="log", xlabel="tokens per batch", ylabel="mean imbalance score",
+                    title="device imbalance of trained routers (held-out data)")
+        axes[0].legend(fontsize=7)
+        axes[1].legend(fontsize=7)
         fig.tight_layout()
         fig.savefig(os.path.join(out, "imbalance.png"), dpi=110)
         plt.close(fig)

@@ -173,6 +173,7 @@ def run(spec: Dict) -> Dict:
         result["random_routing_is"] = float(imbalance_monte_carlo(
             2000, 16, m.moe.num_experts, m.moe.num_experts_per_tok, devices, m.moe.router == "moge",
             seed=0).mean())
+        result["routing_shape"] = [m.moe.num_experts, m.moe.num_experts_per_tok, devices, int(m.moe.router == "moge")]
     if "stability" in analysis:
         result["act_rms_end"] = probe["act_rms"]
         result["param_rms_end"] = probes.param_rms(trainer.model)
