@@ -493,6 +493,8 @@ def ablate_main(argv=None):
                    help="runs at once, each on one runtime thread (default: 2 on 2+ cores); results do not "
                         "depend on it")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--publish", default="", help="also copy the report, plots and CSVs into this directory as "
+                                                 "<suite>.md and <suite>/ (docs/ablations is the published set)")
     args = p.parse_args(argv)
     if args.seeds is not None and args.seeds < 1:
         raise ValueError(f"--seeds must be >= 1, got {args.seeds}")
@@ -500,7 +502,7 @@ def ablate_main(argv=None):
         raise ValueError(f"--jobs must be >= 1, got {args.jobs}")
     import time
 
-    from .ablate.report import write_report
+    from .ablate.report import publish, write_report
     from .ablate.runner import SuiteFailed, run_suite
     from .ablate.suite import load_suite
 
@@ -515,3 +517,5 @@ def ablate_main(argv=None):
     command = "mindpangu-ablate " + " ".join(argv if argv is not None else sys.argv[1:])
     path = write_report(suite, results, out, command, time.perf_counter() - start)
     print(f"{len(results)} runs; report: {path}")
+    if args.publish:
+        print(f"published: {publish(suite, out, args.publish)}")

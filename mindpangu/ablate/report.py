@@ -22,7 +22,7 @@ from ..metrics import lr_sensitivity
 from .suite import Claim, Suite
 
 # columns that are measured time: a rerun reproduces every other column exactly
-TIMING_COLUMNS = ("train_wall_s", "first_step_s", "tokens_per_s", "mtp_speedup")
+TIMING_COLUMNS = ("run_wall_s", "train_wall_s", "first_step_s", "tokens_per_s", "mtp_speedup")
 _ID_COLUMNS = ("run", "arm", "lr", "seed_index", "seed")
 
 
@@ -283,9 +283,18 @@ def write_report(suite: Suite, results: Sequence[Dict], out: str, command: str, 
              f"x {suite.seeds} seeds); seeds are the base recipe's seed + 0..{suite.seeds - 1}",
              f"- base recipe: `{os.path.relpath(suite.base)}`; data: `{os.path.relpath(suite.data)}`",
              f"- common overrides: `{json.dumps(suite.overrides)}`"]
-    if wall_s is not None:
-        lines.append(f"- wall time of this invocation: {wall_s / 60:.1f} min (runs kept from an earlier invocation "
-                     "are not included)")
+    spent = _invocations(out)
+    if spent:
+        lines.append(f"- suite time: {sum(i['seconds'] for i in spent) / 60:.1f} min of wall time over "
+                     f"{len(spent)} invocation(s) that ran runs (" + "; ".join(
+                         f"{i['finished']}: {i['runs_run']} runs in {i['seconds'] / 60:.1f} min, --jobs {i['jobs']}"
+                         for i in spent) + ")")
+    elif wall_s is not None:
+        lines.append(f"- wall time of this invocation: {wall_s / 60:.1f} min")
+    run_s = [r["run_wall_s"] for r in results if _scalar(r.get("run_wall_s"))]
+    if run_s:
+        lines.append(f"- run processes: {sum(run_s) / 60:.1f} min in total, {np.mean(run_s):.0f} s per run on "
+                     "average (each run on one runtime thread; `--jobs` runs at a time)")
     if suite.notes:
         lines += ["", suite.notes.strip()]
     lines += ["", "## Claims", "",
@@ -318,6 +327,15 @@ def write_report(suite: Suite, results: Sequence[Dict], out: str, command: str, 
     return path
 
 
+def _invocations(out: str) -> List[Dict]:
+    """The invocations (runner.INVOCATIONS) that ran at least one run."""
+    path = os.path.join(out, "invocations.jsonl")
+    if not os.path.isfile(path):
+        return []
+    with open(path, encoding="utf-8") as fh:
+        return [i for i in map(json.loads, fh) if i.get("runs_run")]
+
+
 _PREFERRED = ("heldout_loss", "final_train_loss", "loss_spike_score", "grad_spike_score", "diverged", "max_vio_batch",
               "max_vio_global", "imbalance_score_ep", "expert_cv", "kl_specialisation", "drop_rate",
               "mtp_acceptance_rate", "mtp_mean_accepted_length")
@@ -325,3 +343,22 @@ _PREFERRED = ("heldout_loss", "final_train_loss", "loss_spike_score", "grad_spik
 
 def _summary_metrics(rows: Sequence[Dict]) -> List[str]:
     return [m for m in _PREFERRED if rows and m in rows[0] and any(r[m] != "" for r in rows)]
+
+
+def publish(suite: Suite, out: str, docs_dir: str) -> str:
+    """Copy a finished suite's report into ``docs_dir``: ``<suite>.md`` (image links pointing into ``<suite>/``),
+    and ``<suite>/`` with the plots, results.csv and arms.csv. Returns the page's path."""
+    import shutil
+
+    target = os.path.join(docs_dir, suite.name)
+    os.makedirs(target, exist_ok=True)
+    names = [f for f in os.listdir(out) if f.endswith((".png", ".csv"))]
+    for f in names:
+        shutil.copyfile(os.path.join(out, f), os.path.join(target, f))
+    with open(os.path.join(out, "report.md"), encoding="utf-8") as fh:
+        text = fh.read()
+    for f in names:
+        text = text.replace(f"]({f})", f"]({suite.name}/{f})")
+    page = os.path.join(docs_dir, f"{suite.name}.md")
+    write_text_atomic(page, text)
+    return page

@@ -4,7 +4,7 @@
 Layout of ``out``::
 
     runs/<arm>/[lr<lr>/]seed<i>/   spec.json, train.log, metrics.jsonl, checkpoints/, result.json (last)
-    results.csv, arms.csv, report.md, *.png, suite.json
+    results.csv, arms.csv, report.md, *.png, invocations.jsonl
 
 Resuming: a run whose result.json exists and whose spec.json equals the new spec is kept; any other run directory
 is removed and the run redone from scratch (runs are deterministic, so a redone run gives the same numbers).
@@ -27,6 +27,8 @@ from ..fsutil import cache_root, write_text_atomic
 from ..progress import progress_bar
 from .suite import Run, Suite, repo_root
 from .worker import RESULT, SPEC
+
+INVOCATIONS = "invocations.jsonl"  # one line per mindpangu-ablate invocation: its wall time and the runs it ran
 
 
 class SuiteFailed(RuntimeError):
@@ -75,6 +77,7 @@ def run_suite(suite: Suite, out: str, jobs: int = 1, progress: bool = True,
               python: Optional[str] = None) -> List[Dict]:
     """Run every unfinished run of ``suite`` into ``out`` and return all results (expansion order).
     Raises SuiteFailed naming the failed runs' logs after the others finished."""
+    t0 = time.time()
     os.makedirs(out, exist_ok=True)
     data_dir = prepare_data(suite)
     specs = [run_spec(suite, r, out, data_dir) for r in suite.runs]
@@ -129,6 +132,9 @@ def run_suite(suite: Suite, out: str, jobs: int = 1, progress: bool = True,
         raise
     finally:
         bar.close()
+    with open(os.path.join(out, INVOCATIONS), "a", encoding="utf-8") as fh:  # the report's suite time
+        fh.write(json.dumps({"finished": time.strftime("%Y-%m-%dT%H:%M:%S"), "seconds": time.time() - t0,
+                             "runs_run": len(todo), "runs_failed": len(failed), "jobs": jobs}) + "\n")
     if failed:
         raise SuiteFailed(f"{len(failed)} of {len(specs)} runs of suite '{suite.name}' failed: " + "; ".join(failed))
     return [_load(os.path.join(out, "runs", s["key"], RESULT)) for s in specs]

@@ -50,6 +50,7 @@ def _finite_mean(xs) -> float:
 
 def run(spec: Dict) -> Dict:
     """Train and probe one run described by ``spec`` (written by ``runner.py``); returns the result dict."""
+    t_start = time.perf_counter()
     import mindspore as ms
 
     from ..config import load_config
@@ -190,6 +191,7 @@ def run(spec: Dict) -> Dict:
             result["gamma_change"] = float(means.mean() - first.mean())
     if "mtp" in analysis and m.num_mtp_layers and probe_batches:
         result.update(_speculative(trainer.model, probe_batches))
+    result["run_wall_s"] = time.perf_counter() - t_start
     return result
 
 
