@@ -6,8 +6,10 @@ never as a traceback (set MINDPANGU_DEBUG=1 to see the traceback as well).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import os
+import re
 import sys
 
 from .config import ConfigError
@@ -26,6 +28,28 @@ def _friendly(fn):
     return wrapper
 
 
+def _is_override(word: str) -> bool:
+    """A ``key.path=value`` override: the part before '=' is a dotted path whose first part is a recipe section or
+    top-level key (``model``, ``runner_config``, ``seed``, ...), so a value such as ``--out a=b`` is not one."""
+    from .config import TrainConfig
+
+    key, eq, _ = word.partition("=")
+    if not eq or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z0-9_]+)*", key):
+        return False
+    return key.split(".")[0] in {f.name for f in dataclasses.fields(TrainConfig)}
+
+
+def _parse(p: argparse.ArgumentParser, argv=None) -> argparse.Namespace:
+    """``parse_intermixed_args`` with the overrides taken from wherever they stand, so that one after an option
+    with several values (``--rank 0 7 parallel_config.data_parallel=2``) is not read as one of its values."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not any(a.dest == "overrides" for a in p._actions):
+        return p.parse_args(argv)
+    args = p.parse_intermixed_args([w for w in argv if not _is_override(w)])
+    args.overrides = list(args.overrides or []) + [w for w in argv if _is_override(w)]
+    return args
+
+
 def _config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", required=True, help="YAML recipe, e.g. yaml_configs/pangu_ultra_moe/tiny.yaml")
     p.add_argument("overrides", nargs="*", help="key.path=value overrides, e.g. model.num_layers=2")
@@ -42,7 +66,7 @@ def train_main(argv=None):
                    help="stop (with a checkpoint) after this many steps; --resume continues (time-limited jobs)")
     p.add_argument("--skip-memory-check", action="store_true",
                    help="start even when the memory estimate exceeds this machine's memory")
-    args = p.parse_intermixed_args(argv)
+    args = _parse(p, argv)
     from .config import load_config
     from .train.trainer import Trainer, TrainingStopped
 
@@ -70,7 +94,7 @@ def preprocess_main(argv=None):
                    help="JSONL field holding each document's domain label (plain-text files: the file name); "
                         "adds a per-token domain_ids column for per-domain metrics")
     p.add_argument("--shard-mb", type=float, default=256, help="MiB of samples per MindRecord file (default 256)")
-    args = p.parse_intermixed_args(argv)
+    args = _parse(p, argv)
     from .data.mindrecord import preprocess
     from .data.tokenizer import load_tokenizer
 
@@ -87,7 +111,7 @@ def param_count_main(argv=None):
     p = argparse.ArgumentParser(prog="mindpangu-params", description=param_count_main.__doc__)
     _config_args(p)
     p.add_argument("--forward", action="store_true", help="also build the model and run one forward pass")
-    args = p.parse_intermixed_args(argv)
+    args = _parse(p, argv)
     from .config import load_config
     from .params import count_parameters, format_table
 
@@ -116,7 +140,7 @@ def convert_main(argv=None):
                    help="tensor dtype on disk (default float32)")
     b.add_argument("--max-shard-size", default="5GB",
                    help="largest safetensors file, e.g. 5GB, 500MB (default 5GB; more shards get an index)")
-    args = p.parse_args(argv)
+    args = _parse(p, argv)
     import gc
 
     from .convert.checkpoint import checkpoint_config, load_ms_checkpoint, save_ms_checkpoint
@@ -175,7 +199,7 @@ def export_main(argv=None):
     p.add_argument("--out", required=True, help="output directory (replaced atomically)")
     p.add_argument("--max-len", type=int, default=None,
                    help="decode cache length (prompt + generated tokens); default min(512, max_position_embeddings)")
-    args = p.parse_intermixed_args(argv)
+    args = _parse(p, argv)
     from .export import export_for_serving
 
     if args.overrides and not args.config:
@@ -213,7 +237,7 @@ def generate_main(argv=None):
     p.add_argument("--tokenizer", default="", help="default: the recipe's or the export's tokenizer, else 'byte'")
     p.add_argument("--max-len", type=int, default=None, help="Python path: cache length (default 512 or less)")
     p.add_argument("--speculative", action="store_true", help="MTP draft + main-model verify (greedy)")
-    args = p.parse_intermixed_args(argv)
+    args = _parse(p, argv)
     import os
 
     import numpy as np
@@ -269,7 +293,7 @@ def plan_main(argv=None):
     _config_args(p)
     p.add_argument("--mesh", default="", help="preset (atlas_800t_a2, cloudmatrix_384); default: the YAML's mesh:")
     p.add_argument("--rows", type=int, default=16, help="rank-table rows to show")
-    args = p.parse_intermixed_args(argv)
+    args = _parse(p, argv)
     from .config import load_config
     from .parallel import Layout, resolve_mesh
     from .parallel.report import plan_report
@@ -301,7 +325,7 @@ def simulate_main(argv=None):
     p.add_argument("--write", default="", help="search: write the winner as a mindpangu recipe (and, with "
                                                "--write-mindformers, a mindformers YAML)")
     p.add_argument("--write-mindformers", default="", help="search: the winner as a mindformers YAML")
-    args = p.parse_intermixed_args(argv)
+    args = _parse(p, argv)
     from .config import load_config
     from .parallel import Layout, resolve_mesh
     from .sim.report import format_report, simulate_config
@@ -335,7 +359,7 @@ def imbalance_mc_main(argv=None):
     p.add_argument("--groups", type=int, default=8, help="M, devices (= MoGE groups)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--png", default="imbalance_mc.png", help="histogram output ('' to skip)")
-    args = p.parse_intermixed_args(argv)
+    args = _parse(p, argv)
     from .imbalance_mc import run
 
     summary = run(args.trials, args.tokens, args.experts, args.k, args.groups, args.seed, args.png)
@@ -369,7 +393,7 @@ def bench_main(argv=None):
     p.add_argument("--size-mb", type=float, default=1024, help="preprocess: MiB of generated JSONL corpus")
     p.add_argument("--baseline-mb", type=float, default=20, help="preprocess: MiB for the one-document baseline")
     p.add_argument("--tokenizer", default=None, help="preprocess: tokenizer (default: the bundled BPE)")
-    args = p.parse_intermixed_args(argv)
+    args = _parse(p, argv)
     from .bench import BUNDLED_TOKENIZER, PEER_RECIPE, bench_compare, bench_forward, bench_ops, bench_preprocess, bench_train
     from .config import load_config
 
@@ -408,7 +432,7 @@ def sim_compile_main(argv=None):
     p.add_argument("--rank", type=int, nargs="+", default=[0], help="simulated rank(s) to compile as")
     p.add_argument("--out", default="sim_compile", help="directory for logs, strategy files and reports")
     p.add_argument("--show", action="store_true", help="list every parameter's compiled slice")
-    args = p.parse_intermixed_args(argv)
+    args = _parse(p, argv)
     from .train.sim_compile import compile_rank
 
     failed = False
@@ -438,7 +462,7 @@ def to_mindformers_main(argv=None):
     p.add_argument("overrides", nargs="*", help="key.path=value overrides (our recipe only)")
     p.add_argument("--out", required=True, help="YAML file to write")
     p.add_argument("--reverse", action="store_true", help="mindformers YAML -> our recipe")
-    args = p.parse_intermixed_args(argv)
+    args = _parse(p, argv)
     import yaml
 
     from .config import load_config
@@ -495,7 +519,7 @@ def ablate_main(argv=None):
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--publish", default="", help="also copy the report, plots and CSVs into this directory as "
                                                  "<suite>.md and <suite>/ (docs/ablations is the published set)")
-    args = p.parse_args(argv)
+    args = _parse(p, argv)
     if args.seeds is not None and args.seeds < 1:
         raise ValueError(f"--seeds must be >= 1, got {args.seeds}")
     if args.jobs < 1:
