@@ -130,6 +130,9 @@ def test_verdict_rule():
     assert verdict([-1.0, 1.0], "lower")[0] == "inconclusive"
     assert verdict([0.0, 0.0], "lower") == ("inconclusive", "no difference at this scale")
     assert verdict([-1.0], "lower")[0] == "inconclusive"
+    # two standard errors would call this; Student's t at n = 2 (12.7 standard errors) does not
+    assert verdict([-1.0, -0.5], "lower")[0] == "inconclusive"
+    assert verdict([-0.5, -0.5, -0.5], "lower")[0] == "agrees"  # the same nonzero effect every time
     assert verdict([float("nan")], "lower")[0] == "inconclusive"
 
 

@@ -12,7 +12,7 @@ from typing import Dict, List, Sequence
 import numpy as np
 import mindspore as ms
 
-from ..metrics import imbalance_from_counts, kl_from_uniform, max_violation
+from ..metrics import expert_load_stats, imbalance_from_counts, kl_from_uniform, max_violation
 
 
 def _rms(x) -> float:
@@ -97,23 +97,24 @@ def param_rms(model) -> List[float]:
 
 
 class RoutingLog:
-    """Per-step routing statistics from the training step's expert counts [MoE layers, E] (one micro-batch per
-    step): MaxVio_batch (the batch is one EP group on one process), the imbalance score over ``ep`` contiguous
-    EP ranks, the per-expert load CV, and the counts summed over the run (for MaxVio_global of training)."""
+    """Routing statistics of training, one micro-batch at a time. On one process a micro-batch is what one EP group
+    routes at once (its virtual EP ranks together), so per micro-batch: MaxVio_batch (Wang et al.'s MaxVio of one
+    batch, averaged over MoE layers), the imbalance score over ``devices`` contiguous expert blocks (the EP ranks)
+    and the per-expert load CV; ``total`` sums the counts over the run (MaxVio_global of training)."""
 
-    def __init__(self, top_k: int, ep: int):
-        self.top_k, self.ep = top_k, ep
+    def __init__(self, devices: int):
+        self.devices = devices
         self.max_vio: List[float] = []
         self.imbalance: List[float] = []
         self.cv: List[float] = []
         self.total = None
 
     def add(self, counts: np.ndarray, tokens: int) -> None:
+        """One micro-batch: per-expert counts [MoE layers, E] of its ``tokens`` tokens."""
         c = np.asarray(counts, np.float64)
         self.max_vio.append(float(max_violation(c).mean()))
-        self.imbalance.append(float(imbalance_from_counts(c, tokens, self.ep).mean()))
-        mean = c.mean(-1)
-        self.cv.append(float(np.where(mean > 0, c.std(-1) / np.where(mean > 0, mean, 1), 0).mean()))
+        self.imbalance.append(float(imbalance_from_counts(c, tokens, self.devices).mean()))
+        self.cv.append(float(np.mean([expert_load_stats(row)["cv"] for row in c])))
         self.total = c if self.total is None else self.total + c
 
 

@@ -2,8 +2,10 @@
 grid), PNG plots and report.md, whose claims table puts each paper statement beside our measured effect.
 
 Verdicts (``verdict``): the effect is the treatment-minus-baseline difference of a metric, paired by learning rate
-and seed (or the metric itself for a sign claim); with n pairs, mean d and standard error se = std(d) / sqrt(n):
-- agrees / disagrees: |d| >= 2 se (a two-standard-error rule) in / against the paper's direction, n >= 2;
+and seed (or the metric itself for a sign claim); with n finite pairs, mean d and standard error
+se = std(d) / sqrt(n), a two-sided one-sample t-test at 5 %:
+- agrees / disagrees: |d| >= t(0.975, n - 1) se in / against the paper's direction (n >= 2; t = 12.7, 4.30, 3.18
+  for n = 2, 3, 4), or every pair differs by the same nonzero amount;
 - inconclusive: otherwise (the effect is within the spread, there is one pair only, or there is no difference).
 """
 from __future__ import annotations
@@ -20,6 +22,7 @@ import numpy as np
 from ..fsutil import write_text_atomic
 from ..metrics import lr_sensitivity
 from .suite import Claim, Suite
+from .worker import read_series
 
 # columns that are measured time: a rerun reproduces every other column exactly
 TIMING_COLUMNS = ("run_wall_s", "train_wall_s", "first_step_s", "tokens_per_s", "mtp_speedup")
@@ -67,9 +70,20 @@ def _values(rows: Sequence[Dict], arm: str, metric: str) -> Dict[Tuple, float]:
     return out
 
 
+# two-sided 97.5 % quantiles of Student's t for 1..30 degrees of freedom (beyond: 1.96)
+_T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
+         2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042)
+
+
+def t_critical(df: int) -> float:
+    """Student's t two-sided 5 % critical value for ``df`` >= 1 degrees of freedom."""
+    return _T975[df - 1] if df <= len(_T975) else 1.96
+
+
 def verdict(effect: Sequence[float], expect: str) -> Tuple[str, str]:
     """(agrees | disagrees | inconclusive, why) for paired effects (treatment - baseline, or values for a sign
-    claim) against ``expect`` (lower / negative: effect < 0; higher / positive: effect > 0)."""
+    claim) against ``expect`` (lower / negative: effect < 0; higher / positive: effect > 0); see the module
+    docstring for the rule."""
     d = np.asarray([x for x in effect if math.isfinite(x)], np.float64)
     if len(d) == 0:
         return "inconclusive", "not measured (no finite pairs)"
@@ -79,11 +93,12 @@ def verdict(effect: Sequence[float], expect: str) -> Tuple[str, str]:
         return "inconclusive", "one pair only: no spread to judge it against"
     mean, se = d.mean(), d.std(ddof=1) / math.sqrt(len(d))
     want = -1 if expect in ("lower", "negative") else 1
-    if se == 0 or abs(mean) >= 2 * se:
-        if np.sign(mean) == want:
-            return "agrees", f"effect {mean:+.4g} beyond 2 standard errors ({2 * se:.3g}), n={len(d)}"
-        return "disagrees", f"effect {mean:+.4g} against the paper, beyond 2 standard errors ({2 * se:.3g}), n={len(d)}"
-    return "inconclusive", f"effect {mean:+.4g} within 2 standard errors ({2 * se:.3g}), n={len(d)}"
+    bound = t_critical(len(d) - 1) * se
+    if abs(mean) >= bound:
+        side = "" if np.sign(mean) == want else " against the paper"
+        return ("agrees" if not side else "disagrees",
+                f"effect {mean:+.4g}{side}, beyond the 95 % bound {bound:.3g} (t-test, n={len(d)})")
+    return "inconclusive", f"effect {mean:+.4g} within the 95 % bound {bound:.3g} (t-test, n={len(d)})"
 
 
 def _ms(xs: Sequence[float]) -> str:
@@ -108,7 +123,8 @@ def evaluate_claims(suite: Suite, results: Sequence[Dict], arms: Sequence[Dict])
             effect = list(vals.values())
             ours = f"{c.arm}: {_ms(effect)}"
         v, why = verdict(effect, c.expect)
-        out.append({"claim": c, "ours": ours, "effect": _ms(effect), "n": len(effect), "verdict": v, "why": why})
+        n = sum(1 for x in effect if math.isfinite(x))
+        out.append({"claim": c, "ours": ours, "effect": _ms(effect), "n": n, "verdict": v, "why": why})
     return out
 
 
@@ -119,19 +135,6 @@ def _write_csv(path: str, cols: Sequence[str], rows: Sequence[Dict]) -> None:
     for r in rows:
         w.writerow({k: (repr(v) if isinstance(v, float) else v) for k, v in r.items()})
     write_text_atomic(path, buf.getvalue())
-
-
-def _series(out: str, key: str) -> Tuple[List[float], List[float]]:
-    loss, grad = [], []
-    path = os.path.join(out, "runs", key, "metrics.jsonl")
-    if os.path.isfile(path):
-        with open(path, encoding="utf-8") as fh:
-            for line in fh:
-                r = json.loads(line)
-                if r.get("kind") == "train":
-                    loss.append(r["lm_loss"])
-                    grad.append(r["grad_norm"])
-    return loss, grad
 
 
 def plots(suite: Suite, results: Sequence[Dict], arms: Sequence[Dict], out: str) -> List[str]:
@@ -151,7 +154,9 @@ def plots(suite: Suite, results: Sequence[Dict], arms: Sequence[Dict], out: str)
         key = next((r["run"] for r in results if r["arm"] == arm and r["seed_index"] == 0 and r["lr"] == mid), None)
         if key is None:
             continue
-        loss, grad = _series(out, key)
+        path = os.path.join(out, "runs", key, "metrics.jsonl")
+        series = read_series(path) if os.path.isfile(path) else {"lm_loss": [], "grad_norm": []}
+        loss, grad = series["lm_loss"], series["grad_norm"]
         axes[0].plot(loss, label=arm, lw=1)
         axes[1].plot(grad, label=arm, lw=1)
     axes[0].set(xlabel="step", ylabel="train LM loss", title=f"training loss (seed 0{', lr %g' % mid if mid else ''})")
@@ -252,6 +257,8 @@ def plots(suite: Suite, results: Sequence[Dict], arms: Sequence[Dict], out: str)
             if len(v):
                 axes[0].hist(v, bins=bins, weights=np.full(v.size, 1 / v.size), alpha=0.5,
                              label=f"{r['arm']} trained (mean {v.mean():.3f})")
+        paper = imbalance_monte_carlo(20000, 16, 64, 8, 8, moge=False, seed=0).mean()
+        axes[0].plot([], [], " ", label=f"paper's shape (N=64, K=8, M=8), random: mean {paper:.3f} (paper 0.669)")
         axes[0].set(xlabel="imbalance score, batches of 16 tokens", ylabel="share of batches",
                     title=f"IS histogram ({e} experts, top-{k}, {devices} devices)")
         for r in with_is:
@@ -304,7 +311,8 @@ def write_report(suite: Suite, results: Sequence[Dict], out: str, command: str, 
         lines.append(f"| {cl.id} | {cl.source} | {cl.paper} | `{cl.metric}` ({cl.expect}) | {c['ours']} | "
                      f"{c['effect']} | {c['n']} | **{c['verdict']}**: {c['why']} |")
     lines += ["", "Verdict rule: the effect (treatment minus baseline, paired by learning rate and seed) agrees or "
-              "disagrees when its mean is at least two standard errors from 0; otherwise inconclusive.", "",
+              "disagrees when a two-sided t-test at 5 % puts its mean away from 0 (|mean| >= t(0.975, n-1) x standard "
+              "error); otherwise inconclusive. Pairs with a non-finite value (a diverged run) are left out.", "",
               "## Arms", "", "| arm | " + " | ".join(_summary_metrics(rows)) + " |",
               "|---|" + "---|" * len(_summary_metrics(rows))]
     for arm in suite.arms:

@@ -12,9 +12,11 @@ Every run uses ``context.runtime_num_threads: 1``, so its numbers do not depend 
 """
 from __future__ import annotations
 
+import gzip
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -25,10 +27,12 @@ from ..data.mindrecord import cached_dataset
 from ..data.tokenizer import load_tokenizer
 from ..fsutil import cache_root, write_text_atomic
 from ..progress import progress_bar
-from .suite import Run, Suite, repo_root
+from .suite import Run, Suite, SuiteError, repo_root
 from .worker import RESULT, SPEC
 
 INVOCATIONS = "invocations.jsonl"  # one line per mindpangu-ablate invocation: its wall time and the runs it ran
+PID = "worker.pid"  # the process running a run, while it runs
+DATA_KEYS = ("train_dataset.seq_length", "train_dataset.tokenizer", "train_dataset.data_path")
 
 
 class SuiteFailed(RuntimeError):
@@ -44,9 +48,14 @@ def prepare_data(suite: Suite) -> str:
     lines carry a ``domain`` field), built once and shared by every run."""
     cfg = load_config(suite.base, _overrides(suite.overrides))
     d = cfg.train_dataset
+    for run in suite.runs:
+        for key in DATA_KEYS:
+            if key in run.overrides and run.overrides[key] != suite.overrides.get(key, run.overrides[key]):
+                raise SuiteError(f"'{suite.path}': arms.{run.arm}: {key} differs from the suite's; every run "
+                                 "trains on the one prepared dataset (set it in the suite's overrides)")
     domain_key = None
     if suite.data.endswith((".jsonl", ".jsonl.gz")):
-        with open(suite.data, encoding="utf-8") as fh:
+        with (gzip.open if suite.data.endswith(".gz") else open)(suite.data, "rt", encoding="utf-8") as fh:
             domain_key = "domain" if "domain" in json.loads(fh.readline()) else None
     return cached_dataset(suite.data, load_tokenizer(d.tokenizer), d.seq_length, os.path.join(cache_root(), "data"),
                           domain_key=domain_key)
@@ -54,15 +63,15 @@ def prepare_data(suite: Suite) -> str:
 
 def run_spec(suite: Suite, run: Run, out: str, data_dir: str) -> Dict:
     """What ``worker.py`` needs for one run (also what decides whether a finished run can be kept)."""
-    base_seed = load_config(suite.base).seed
+    cfg = load_config(suite.base, _overrides(run.overrides))  # the arm's config, checked before any run starts
     overrides = dict(run.overrides)
     overrides.update({"output_dir": os.path.join(out, "runs", run.key), "train_dataset.data_path": data_dir,
-                      "seed": base_seed + run.seed_index, "logging.tensorboard": False,
+                      "seed": cfg.seed + run.seed_index, "logging.tensorboard": False,
                       "context.runtime_num_threads": 1, "resume_training": False})
     return {"suite": suite.name, "scale": suite.scale, "base": suite.base, "key": run.key, "arm": run.arm,
             "lr": run.lr, "seed_index": run.seed_index, "overrides": _overrides(overrides),
-            "analysis": suite.analysis, "target_loss": suite.target_loss, "steps": int(load_config(suite.base, _overrides(overrides))
-                                                     .runner_config.train_steps)}
+            "analysis": suite.analysis, "target_loss": suite.target_loss,
+            "steps": cfg.runner_config.train_steps}
 
 
 def _steps_done(path: str) -> int:
@@ -86,6 +95,10 @@ def run_suite(suite: Suite, out: str, jobs: int = 1, progress: bool = True,
         d = os.path.join(out, "runs", spec["key"])
         if os.path.isfile(os.path.join(d, RESULT)) and _load(os.path.join(d, SPEC)) == spec:
             continue
+        pid = _load(os.path.join(d, PID))
+        if isinstance(pid, int) and _alive(pid):
+            raise SuiteError(f"run '{spec['key']}' is still running in process {pid} (an earlier invocation); "
+                             f"wait for it or kill it, then rerun")
         shutil.rmtree(d, ignore_errors=True)
         todo.append(spec)
     total = sum(s["steps"] for s in todo)
@@ -94,6 +107,7 @@ def run_suite(suite: Suite, out: str, jobs: int = 1, progress: bool = True,
     env = dict(os.environ)
     env["PYTHONPATH"] = repo_root() + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     env.setdefault("GLOG_v", "3")
+    env["OMP_NUM_THREADS"] = "1"  # one thread per run, like the MindSpore runtime (results independent of --jobs)
     active: Dict[str, tuple] = {}
     failed, finished, credited = [], len(specs) - len(todo), {}
     queue = list(todo)
@@ -106,7 +120,9 @@ def run_suite(suite: Suite, out: str, jobs: int = 1, progress: bool = True,
                 write_text_atomic(os.path.join(d, SPEC), json.dumps(spec, indent=1))
                 log = open(os.path.join(d, "train.log"), "w", encoding="utf-8")
                 proc = subprocess.Popen([python or sys.executable, "-m", "mindpangu.ablate.worker",
-                                         os.path.join(d, SPEC)], stdout=log, stderr=subprocess.STDOUT, env=env)
+                                         os.path.join(d, SPEC)], stdout=log, stderr=subprocess.STDOUT, env=env,
+                                        preexec_fn=_die_with_parent)
+                write_text_atomic(os.path.join(d, PID), str(proc.pid))
                 active[spec["key"]] = (proc, log, spec, d)
                 credited[spec["key"]] = 0
             time.sleep(0.5)
@@ -118,6 +134,8 @@ def run_suite(suite: Suite, out: str, jobs: int = 1, progress: bool = True,
                     continue
                 log.close()
                 del active[key]
+                if os.path.isfile(os.path.join(d, PID)):
+                    os.remove(os.path.join(d, PID))
                 bar.update(spec["steps"] - credited[key])  # a run that stopped early still counts as done
                 if proc.returncode != 0 or not os.path.isfile(os.path.join(d, RESULT)):
                     failed.append(f"{key} (exit {proc.returncode}; log {os.path.join(d, 'train.log')})")
@@ -138,6 +156,25 @@ def run_suite(suite: Suite, out: str, jobs: int = 1, progress: bool = True,
     if failed:
         raise SuiteFailed(f"{len(failed)} of {len(specs)} runs of suite '{suite.name}' failed: " + "; ".join(failed))
     return [_load(os.path.join(out, "runs", s["key"], RESULT)) for s in specs]
+
+
+def _die_with_parent() -> None:
+    """In the child, before exec: receive SIGTERM when the runner dies, even by SIGKILL (Linux prctl
+    PR_SET_PDEATHSIG), so that no orphaned run writes into a directory a later invocation redoes."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _load(path: str):

@@ -19,9 +19,11 @@ from ..fsutil import write_text_atomic
 
 RESULT = "result.json"
 SPEC = "spec.json"
+PROBE_BATCH = 8  # held-out sequences per probe batch, whatever the arm's batch size (same data for every arm)
 
 
-def _series(path: str) -> Dict[str, List[float]]:
+def read_series(path: str) -> Dict[str, List[float]]:
+    """A run's metrics.jsonl -> per-step train ``lm_loss`` and ``grad_norm`` (before clipping), and ``eval_loss``."""
     loss, grad, evals = [], [], []
     with open(path, encoding="utf-8") as fh:
         for line in fh:
@@ -35,12 +37,28 @@ def _series(path: str) -> Dict[str, List[float]]:
 
 
 def tokens_to_target(losses, target: float, tokens_per_step: int, window: int = 10) -> float:
-    """Training tokens until the mean of the last ``window`` train losses first reaches ``target`` (the steps of
-    that window counted); NaN when it never does."""
+    """Training tokens (steps x ``tokens_per_step``) until the mean of the last ``window`` per-step train losses
+    (nats per token) first reaches ``target``, the window's steps included; NaN when it never does."""
     for i in range(window, len(losses) + 1):
         if np.mean(losses[i - window:i]) <= target:
             return float(i * tokens_per_step)
     return float("nan")
+
+
+def gamma_trends(gammas: List[Dict], norm_layout: str) -> Dict[str, float]:
+    """S-ULTRA Fig. 10's two trends from per-layer [mean, std] gamma read-outs (``probes.norm_weights``, first at
+    init, last at the end): ``gamma_depth_slope``, the least-squares slope over layer index of the post-norm gamma
+    mean at the end (post_attention_layernorm and post_mlp_layernorm averaged; sandwich layouts only), and
+    ``gamma_change``, the mean over all norms and layers of the end mean minus the init mean (< 0: shrank)."""
+    first, last = gammas[0], gammas[-1]
+    out: Dict[str, float] = {}
+    if norm_layout != "pre_ln" and len(last.get("post_mlp_layernorm", [])) > 1:
+        post = (np.array(last["post_attention_layernorm"])[:, 0] + np.array(last["post_mlp_layernorm"])[:, 0]) / 2
+        out["gamma_depth_slope"] = float(np.polyfit(np.arange(len(post)), post, 1)[0])
+    names = [k for k in last if k != "step"]
+    out["gamma_change"] = float(np.mean([np.array(last[k])[:, 0].mean() - np.array(first[k])[:, 0].mean()
+                                         for k in names]))
+    return out
 
 
 def _finite_mean(xs) -> float:
@@ -55,7 +73,7 @@ def run(spec: Dict) -> Dict:
 
     from ..config import load_config
     from ..data.mindrecord import PackedDataset
-    from ..metrics import drop_rate, spike_score
+    from ..metrics import drop_rate, max_violation, spike_score
     from ..moe.router import expert_capacity
     from ..train.trainer import Trainer, TrainingStopped
     from . import probes
@@ -65,14 +83,15 @@ def run(spec: Dict) -> Dict:
     analysis = set(spec["analysis"])
     out_dir = cfg.output_dir
     data = PackedDataset(cfg.train_dataset.data_path, cfg.train_dataset.eval_fraction)
-    probe_batches = data.eval_batches(cfg.runner_config.batch_size, cfg.logging.eval_batches)
+    probe_batches = data.eval_batches(PROBE_BATCH, cfg.logging.eval_batches)
     probe_domains = [np.zeros(0)] * len(probe_batches)
     if data.domains and probe_batches:
         rows = data.read(data.eval_indices[:sum(len(b) for b in probe_batches)], "domain_ids")
         size = len(probe_batches[0])
         probe_domains = [rows[i * size:(i + 1) * size] for i in range(len(probe_batches))]
-    ep = max(1, cfg.parallel_config.expert_parallel)
-    routing = probes.RoutingLog(m.moe.num_experts_per_tok, ep if m.moe.num_experts % ep == 0 else 1)
+    from ..train.trainer import imbalance_devices
+
+    routing = probes.RoutingLog(imbalance_devices(cfg))
     capacity = None
     tokens = cfg.runner_config.batch_size * cfg.train_dataset.seq_length
     if m.moe.capacity_factor is not None:
@@ -88,10 +107,10 @@ def run(spec: Dict) -> Dict:
     class AblationTrainer(Trainer):
         def after_step(self, out):
             super().after_step(out)
-            if out["counts"] is not None and m.moe.num_experts and len(out["counts"]):
-                c = np.asarray(out["counts"], np.float64)
+            for c in out["micro_counts"]:  # one micro-batch (one EP group) at a time
+                c = np.asarray(c, np.float64)
                 if c.sum() > 0:
-                    routing.add(c, out["tokens"])
+                    routing.add(c, tokens)
                     if capacity is not None:
                         drops.append(drop_rate(c, tokens, m.moe.num_experts_per_tok, capacity).tolist())
             if "stability" in analysis and self.step in marks:
@@ -119,7 +138,9 @@ def run(spec: Dict) -> Dict:
     result["train_wall_s"] = time.perf_counter() - start
     result["first_step_s"] = summary.get("first_step_s")
     result["tokens_per_s"] = summary.get("tokens_per_s")
-    series = _series(os.path.join(out_dir, "metrics.jsonl"))
+    if "stability" in analysis and gammas[-1]["step"] != trainer.step:  # stopped early: the weights it ended with
+        gammas.append({"step": trainer.step, **probes.norm_weights(trainer.model)})
+    series = read_series(os.path.join(out_dir, "metrics.jsonl"))
     loss, grad = series["lm_loss"], series["grad_norm"]
     window = max(10, len(loss) // 10)
     result.update({
@@ -142,7 +163,7 @@ def run(spec: Dict) -> Dict:
         result["max_vio_batch"] = _finite_mean(routing.max_vio)
         result["imbalance_score_ep"] = _finite_mean(routing.imbalance)
         result["expert_cv"] = _finite_mean(routing.cv)
-        result["train_max_vio_global"] = float(np.mean([(r.max() - r.mean()) / r.mean() for r in routing.total]))
+        result["train_max_vio_global"] = float(max_violation(routing.total).mean())
     if drops:
         per_layer = np.mean(np.asarray(drops), 0)
         result["drop_rate"] = float(per_layer.mean())
@@ -183,12 +204,7 @@ def run(spec: Dict) -> Dict:
         result["act_rms_spread_end"] = float(end.std() / end.mean()) if end.mean() else float("nan")
         init = np.asarray(result["act_rms_init"])
         result["act_rms_spread_init"] = float(init.std() / init.mean()) if init.mean() else float("nan")
-        post = [g for g in gammas[-1].get("post_mlp_layernorm", [])]
-        if len(post) > 1:
-            means = np.array([g[0] for g in post])
-            result["gamma_depth_slope"] = float(np.polyfit(np.arange(len(means)), means, 1)[0])
-            first = np.array([g[0] for g in gammas[0]["post_mlp_layernorm"]])
-            result["gamma_change"] = float(means.mean() - first.mean())
+        result.update(gamma_trends(gammas, m.norm_layout))
     if "mtp" in analysis and m.num_mtp_layers and probe_batches:
         result.update(_speculative(trainer.model, probe_batches))
     result["run_wall_s"] = time.perf_counter() - t_start
@@ -204,7 +220,7 @@ def _speculative(model, batches, prompt_len: int = 16, new_tokens: int = 32) -> 
     max_len = prompt_len + new_tokens + 2
     spec, plain = SpeculativeDecoder(model, max_len), ModelRunner(model, max_len)
     sampler = Sampler(temperature=0.0)
-    acc = steps = 0
+    acc = steps = emitted = 0
     spec_s = plain_s = 0.0
     same = True
     spec(prompts[0], 4)  # compile both paths before timing
@@ -212,11 +228,12 @@ def _speculative(model, batches, prompt_len: int = 16, new_tokens: int = 32) -> 
     for p in prompts:
         r = spec(p, new_tokens)
         acc, steps, spec_s = acc + r["accepted"], steps + r["steps"], spec_s + r["decode_s"]
+        emitted += r["steps"] + r["accepted"]  # each verify step emits 1 token, 2 when the draft is accepted
         g = generate(plain, p, new_tokens, sampler)
         plain_s += g["decode_s"]
         same = same and np.array_equal(g["tokens"], r["tokens"])
     return {"mtp_acceptance_rate": acc / steps if steps else float("nan"),
-            "mtp_mean_accepted_length": (len(prompts) * (new_tokens - 1)) / steps if steps else float("nan"),
+            "mtp_mean_accepted_length": emitted / steps if steps else float("nan"),
             "mtp_speedup": plain_s / spec_s if spec_s else float("nan"), "mtp_equals_greedy": int(same)}
 
 

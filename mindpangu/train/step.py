@@ -370,7 +370,9 @@ class StepRunner:
             [self.optimizer.step]
 
     def run(self, micro_batches: List[np.ndarray], lr: float, loss_scale: float = 1.0) -> Dict:
-        """Train on ``micro_batches`` ([B, S+1] int32 each) and return the step's losses and statistics."""
+        """Train on ``micro_batches`` ([B, S+1] int32 each) and return the step's losses and statistics: expert
+        ``counts`` [routes, E] summed over the micro-batches (and data-parallel ranks), and this process's
+        ``micro_counts``, one [routes, E] array per micro-batch."""
         accum = len(micro_batches)
         e = self.cfg.model.moe.num_experts
         batches = [np.asarray(b, np.int32) for b in micro_batches]
@@ -384,10 +386,12 @@ class StepRunner:
         scale = loss_scale / accum
         sums = np.zeros(5)
         counts = np.zeros((self.num_routes, e), np.float32)
+        micro_counts = []
         for b in batches:
             loss, lm, mtp, bal, zl, c = self.micro(b, pooled, pooled_tokens, scale)
             sums += [loss / loss_scale, lm / accum, mtp / accum, bal / accum, zl / accum]
             counts += c
+            micro_counts.append(c)
         if self.world > 1:
             sums = self._over_ranks(sums).astype(np.float64) / self.world
             counts = self._over_ranks(counts)
@@ -402,6 +406,7 @@ class StepRunner:
         sums = [float(x) for x in sums]
         return {"loss": sums[0], "lm_loss": sums[1], "mtp_loss": sums[2], "balance_loss": sums[3], "z_loss": sums[4],
                 "grad_norm": float(norm.asnumpy()), "finite": finite, "lr": lr, "counts": counts,
+                "micro_counts": micro_counts,
                 "tokens": tokens_per_micro * accum * self.world}
 
     def eval_loss(self, tokens: np.ndarray) -> float:
