@@ -132,6 +132,7 @@ def kl_from_uniform(counts) -> np.ndarray:
 
 def drop_rate(counts, tokens: int, top_k: int, capacity: int) -> np.ndarray:
     """Share of routed (token, expert) pairs an expert capacity drops: sum_e max(count_e - capacity, 0) / (T * K)
-    per row of per-expert counts [..., E] of a micro-batch of ``tokens`` tokens (each expert keeps ``capacity``)."""
+    per row of per-expert counts [..., E] of a micro-batch of ``tokens`` tokens (each expert keeps ``capacity``;
+    ``moe.router.capacity_keep`` keeps more only for pairs of exactly equal weight at the threshold)."""
     c = np.asarray(counts, np.float64)
     return np.maximum(c - capacity, 0.0).sum(-1) / (tokens * top_k)

@@ -4,6 +4,7 @@ columns aside); a run whose result is missing is redone on resume and the others
 
 About 8 minutes on a 2-core box (a CI step of its own: .ci/run)."""
 import csv
+import json
 import os
 import shutil
 
@@ -14,6 +15,15 @@ from mindpangu.ablate.suite import available_suites, load_suite
 from mindpangu.cli import ablate_main
 
 SUITES = ["stability", "balance", "moge", "granularity", "dropless", "mtp"]
+
+
+def _results(out, suite):
+    """Every run's result.json (per-layer lists included) without its timing entries."""
+    found = {}
+    for run in suite.runs:
+        with open(os.path.join(out, "runs", run.key, "result.json"), encoding="utf-8") as fh:
+            found[run.key] = {k: v for k, v in json.load(fh).items() if k not in TIMING_COLUMNS}
+    return found
 
 
 def _rows(path):
@@ -65,8 +75,9 @@ def test_rerun_reproduces_results_and_resume_redoes_only_unfinished(outputs, tmp
     again = str(tmp_path / "again")
     ablate_main(["--suite", "moge", "--scale", "smoke", "--out", again, "--no-progress"])
     assert _rows(os.path.join(again, "results.csv")) == _rows(os.path.join(first, "results.csv"))
-    # an unfinished run (no result.json) is redone; finished ones are kept (their files untouched)
     suite = load_suite("moge", "smoke")
+    assert json.dumps(_results(again, suite)) == json.dumps(_results(first, suite))  # per-layer values too
+    # an unfinished run (no result.json) is redone; finished ones are kept (their files untouched)
     victim, kept = suite.runs[0].key, suite.runs[1].key
     os.remove(os.path.join(again, "runs", victim, "result.json"))
     stamp = os.path.getmtime(os.path.join(again, "runs", kept, "result.json"))

@@ -25,6 +25,7 @@ def forward_probe(model, batches: Sequence[np.ndarray], domain_ids: Sequence[np.
     """Held-out statistics of ``model`` over ``batches`` ([B, S+1] int32, with per-token domain indices of the
     same shape, or empty arrays when the data has no domains).
 
+    The loop repeats ``DecoderModel.construct`` layer by layer because the probe needs every layer's output.
     Returns ``act_rms [L + 1]`` (RMS of the residual stream entering each layer and leaving the last),
     ``token_loss_sum`` / ``token_count`` per domain (LM cross-entropy of the main head, nats), and
     ``domain_counts [MoE layers, domains, E]``: routed tokens per expert, by the domain of the token, and

@@ -57,6 +57,7 @@ def suite_path(name: str) -> str:
 
 
 def available_suites() -> List[str]:
+    """Names of the suites under ``yaml_configs/ablations/`` of the checkout, sorted."""
     d = os.path.join(repo_root(), SUITE_DIR)
     return sorted(f[:-5] for f in os.listdir(d) if f.endswith(".yaml")) if os.path.isdir(d) else []
 
@@ -95,6 +96,8 @@ class Run:
 
 @dataclass
 class Suite:
+    """A suite file read at one scale (``load_suite``): paths are absolute, ``overrides`` merge the suite's and the
+    scale's, ``runs`` is the expansion (arms x learning rates x seeds)."""
     name: str
     path: str
     title: str
