@@ -120,7 +120,7 @@ def max_violation(counts) -> np.ndarray:
 
 def kl_from_uniform(counts) -> np.ndarray:
     """KL(p || uniform) in nats of the expert-frequency distribution p = counts / sum per row [..., E]: 0 for a
-    uniform choice of experts, log(E) when one expert takes everything (specialisation, papers.md A9)."""
+    uniform choice of experts, log(E) when one expert takes everything (specialisation: Pangu Pro MoE Figs. 7-9)."""
     c = np.asarray(counts, np.float64)
     total = c.sum(-1, keepdims=True)
     p = c / np.where(total > 0, total, 1.0)
