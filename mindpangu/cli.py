@@ -538,7 +538,8 @@ def ablate_main(argv=None):
     except SuiteFailed as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(3)
-    command = "mindpangu-ablate " + " ".join(argv if argv is not None else sys.argv[1:])
+    command = f"mindpangu-ablate --suite {suite.name} --scale {suite.scale}" + \
+        (f" --seeds {args.seeds}" if args.seeds is not None else "")  # what reproduces it (--out/--jobs aside)
     path = write_report(suite, results, out, command, time.perf_counter() - start)
     print(f"{len(results)} runs; report: {path}")
     if args.publish:
