@@ -137,6 +137,15 @@ def _write_csv(path: str, cols: Sequence[str], rows: Sequence[Dict]) -> None:
     write_text_atomic(path, buf.getvalue())
 
 
+def _save(fig, out: str, name: str, files: List[str]) -> None:
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(os.path.join(out, name), dpi=110)
+    plt.close(fig)
+    files.append(name)
+
+
 def plots(suite: Suite, results: Sequence[Dict], arms: Sequence[Dict], out: str) -> List[str]:
     """PNG files (names relative to ``out``): training curves, held-out loss per arm (vs the learning rate when
     there is a grid), and the suite-specific views that exist in the results (per-layer gamma and activation RMS,
@@ -162,10 +171,7 @@ def plots(suite: Suite, results: Sequence[Dict], arms: Sequence[Dict], out: str)
     axes[0].set(xlabel="step", ylabel="train LM loss", title=f"training loss (seed 0{', lr %g' % mid if mid else ''})")
     axes[1].set(xlabel="step", ylabel="gradient norm", yscale="log", title="gradient norm (before clipping)")
     axes[0].legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(os.path.join(out, "curves.png"), dpi=110)
-    plt.close(fig)
-    files.append("curves.png")
+    _save(fig, out, "curves.png", files)
 
     fig, ax = plt.subplots(figsize=(7, 4))
     if len(lrs) > 1:
@@ -187,10 +193,7 @@ def plots(suite: Suite, results: Sequence[Dict], arms: Sequence[Dict], out: str)
         lo = np.nanmin([np.nanmin(v) for v in vals if v])
         ax.set_ylim(lo - 0.1, None)
         ax.set(ylabel="held-out loss (mean ± std over seeds)", title="held-out loss per arm")
-    fig.tight_layout()
-    fig.savefig(os.path.join(out, "heldout_loss.png"), dpi=110)
-    plt.close(fig)
-    files.append("heldout_loss.png")
+    _save(fig, out, "heldout_loss.png", files)
 
     with_gamma = [r for r in results if r.get("gamma") and r["seed_index"] == 0 and r["lr"] == mid]
     if with_gamma:
@@ -205,12 +208,9 @@ def plots(suite: Suite, results: Sequence[Dict], arms: Sequence[Dict], out: str)
         axes[0].set(xlabel="layer", ylabel="post-MLP norm gamma, mean", title="gamma by depth (dotted: init)")
         axes[1].set(xlabel="residual stream after layer", ylabel="RMS", yscale="log",
                     title="activation RMS by depth (dotted: init)")
-        axes[0].legend(fontsize=7)
-        axes[1].legend(fontsize=7)
-        fig.tight_layout()
-        fig.savefig(os.path.join(out, "depth.png"), dpi=110)
-        plt.close(fig)
-        files.append("depth.png")
+        for ax in axes:
+            ax.legend(fontsize=7)
+        _save(fig, out, "depth.png", files)
 
     with_domains = [r for r in results if r.get("domain_counts") and r["seed_index"] == 0]
     if with_domains:
@@ -223,10 +223,7 @@ def plots(suite: Suite, results: Sequence[Dict], arms: Sequence[Dict], out: str)
             ax.set(xlabel="expert", title=f"{r['arm']}\nKL {r['kl_specialisation']:.3f}")
             ax.title.set_fontsize(8)
         fig.suptitle("expert share per domain, first MoE layer, held-out data", fontsize=9)
-        fig.tight_layout()
-        fig.savefig(os.path.join(out, "specialisation.png"), dpi=110)
-        plt.close(fig)
-        files.append("specialisation.png")
+        _save(fig, out, "specialisation.png", files)
 
     with_drop = [r for r in results if r.get("drop_rate_per_layer") and r["seed_index"] == 0]
     if with_drop:
@@ -235,10 +232,7 @@ def plots(suite: Suite, results: Sequence[Dict], arms: Sequence[Dict], out: str)
             ax.plot(r["drop_rate_per_layer"], marker="o", label=r["arm"])
         ax.set(xlabel="MoE layer", ylabel="drop rate (share of routed pairs)", title="tokens dropped per layer")
         ax.legend(fontsize=7)
-        fig.tight_layout()
-        fig.savefig(os.path.join(out, "drop_rate.png"), dpi=110)
-        plt.close(fig)
-        files.append("drop_rate.png")
+        _save(fig, out, "drop_rate.png", files)
 
     with_is = [r for r in results if r.get("imbalance_by_batch") and r["seed_index"] == 0]
     if with_is:
@@ -266,12 +260,9 @@ def plots(suite: Suite, results: Sequence[Dict], arms: Sequence[Dict], out: str)
         axes[1].axhline(random_is.mean(), ls=":", color="grey", label="random top-k (16 tokens)")
         axes[1].set(xscale="log", xlabel="tokens per batch", ylabel="mean imbalance score",
                     title="device imbalance of trained routers (held-out data)")
-        axes[0].legend(fontsize=7)
-        axes[1].legend(fontsize=7)
-        fig.tight_layout()
-        fig.savefig(os.path.join(out, "imbalance.png"), dpi=110)
-        plt.close(fig)
-        files.append("imbalance.png")
+        for ax in axes:
+            ax.legend(fontsize=7)
+        _save(fig, out, "imbalance.png", files)
     return files
 
 
