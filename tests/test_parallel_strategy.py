@@ -86,6 +86,11 @@ def test_parallelize_refuses_a_dispatcher_it_cannot_shard():
                          ["model.moe.dispatch_backend=expert_major", "model.norm_backend=cpu_kernel"])
     with pytest.raises(ValueError, match="was built with the C\\+\\+ RMSNorm kernel"):
         parallelize(mp.build_model(cfg.model, seed=3), cfg)
+    cfg = mp.load_config(TINY["ultra"], overrides=SMALL + LAYOUTS["dp4_tp2_ep4_sp"] +
+                         ["model.moe.dispatch_backend=expert_major", "model.norm_backend=reference",
+                          "model.moe.capacity_factor=1.25"])
+    with pytest.raises(ValueError, match="model.layers.1.mlp drops tokens"):
+        parallelize(mp.build_model(cfg.model, seed=3), cfg)
 
 
 def test_parameter_slices_by_hand():

@@ -163,6 +163,10 @@ def _shard_dispatcher(name: str, cell: MoELayer, d: Degrees):
         raise ValueError(f"parallelize: {name} was built with the '{cell.backend}' token dispatcher; parallel layouts "
                          "need moe.dispatch_backend 'expert_major' (or 'auto' under a semi-auto parallel context), "
                          "whose [experts, tokens, hidden] buffer is sharded over EP")
+    if cell.gate.capacity_factor is not None:
+        raise ValueError(f"parallelize: {name} drops tokens (moe.capacity_factor {cell.gate.capacity_factor}); "
+                         "the capacity is counted per process, not per EP group, so parallel layouts train "
+                         "dropless: set moe.capacity_factor to null")
     dispatcher.sort.shard(((1,),))
     dispatcher.dispatch_rows.shard(((1, 1), (d.ep, 1)))  # [T+1, H] by [E, T] -> [E, T, H], experts over EP
     dispatcher.combine_rows.shard(((1, 1), (d.dp,)))  # back to routed rows in token order, split by DP
