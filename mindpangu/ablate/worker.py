@@ -72,25 +72,15 @@ def run(spec: Dict) -> Dict:
     import mindspore as ms
 
     from ..config import load_config
-    from ..data.mindrecord import PackedDataset
     from ..metrics import drop_rate, max_violation, spike_score
     from ..moe.router import expert_capacity
-    from ..train.trainer import Trainer, TrainingStopped
+    from ..train.trainer import Trainer, TrainingStopped, imbalance_devices
     from . import probes
 
     cfg = load_config(spec["base"], spec["overrides"])
     m = cfg.model
     analysis = set(spec["analysis"])
     out_dir = cfg.output_dir
-    data = PackedDataset(cfg.train_dataset.data_path, cfg.train_dataset.eval_fraction)
-    probe_batches = data.eval_batches(PROBE_BATCH, cfg.logging.eval_batches)
-    probe_domains = [np.zeros(0)] * len(probe_batches)
-    if data.domains and probe_batches:
-        rows = data.read(data.eval_indices[:sum(len(b) for b in probe_batches)], "domain_ids")
-        size = len(probe_batches[0])
-        probe_domains = [rows[i * size:(i + 1) * size] for i in range(len(probe_batches))]
-    from ..train.trainer import imbalance_devices
-
     routing = probes.RoutingLog(imbalance_devices(cfg))
     capacity = None
     tokens = cfg.runner_config.batch_size * cfg.train_dataset.seq_length
@@ -117,6 +107,13 @@ def run(spec: Dict) -> Dict:
                 gammas.append({"step": self.step, **probes.norm_weights(self.model)})
 
     trainer = AblationTrainer(cfg, resume=False, progress=False)
+    data = trainer.data  # the held-out split the trainer opened
+    probe_batches = data.eval_batches(PROBE_BATCH, cfg.logging.eval_batches)
+    probe_domains = [np.zeros(0)] * len(probe_batches)
+    if data.domains and probe_batches:
+        rows = data.read(data.eval_indices[:sum(len(b) for b in probe_batches)], "domain_ids")
+        size = len(probe_batches[0])
+        probe_domains = [rows[i * size:(i + 1) * size] for i in range(len(probe_batches))]
     result: Dict = {"run": spec["key"], "arm": spec["arm"], "lr": spec["lr"], "seed": cfg.seed,
                     "seed_index": spec["seed_index"]}
     graph = ms.get_context("mode")
@@ -183,7 +180,6 @@ def run(spec: Dict) -> Dict:
         result["domains"] = names
     if "routing" in analysis and "first_moe_indices" in probe:
         from ..metrics import imbalance_monte_carlo
-        from ..train.trainer import imbalance_devices
 
         devices = imbalance_devices(cfg)
         by_batch = probes.imbalance_by_batch(probe["first_moe_indices"], m.moe.num_experts, devices)
