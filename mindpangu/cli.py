@@ -187,9 +187,10 @@ def _load_weights(args):
 
 @_friendly
 def export_main(argv=None):
-    """Export a model to MindIR for serving: prefill.mindir (dynamic batch and prompt length -> last logits and
-    the attention caches), decode.mindir (one token per sequence + caches of a fixed length -> logits and the
-    updated caches), manifest.json, and the recipe's tokenizer."""
+    """Export a model to MindIR for serving: prefill.mindir (dynamic batch and prompt lengths -> each prompt's
+    last logits and the attention caches), decode_b<B>.mindir per batch size (one token per sequence -> logits,
+    the caches held inside and updated in place), the MTP speculative graphs (verify, draft_prefill, draft) when
+    the model has MTP layers, manifest.json, and the recipe's tokenizer."""
     p = argparse.ArgumentParser(prog="mindpangu-export", description=export_main.__doc__)
     p.add_argument("--config", default="",
                    help="YAML recipe (checked against the checkpoint's own config; its tokenizer is exported); "
@@ -199,6 +200,8 @@ def export_main(argv=None):
     p.add_argument("--out", required=True, help="output directory (replaced atomically)")
     p.add_argument("--max-len", type=int, default=None,
                    help="decode cache length (prompt + generated tokens); default min(512, max_position_embeddings)")
+    p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 4, 16],
+                   help="decode graphs to export, one per batch size (static shapes; each file holds the weights)")
     args = _parse(p, argv)
     from .export import export_for_serving
 
@@ -211,9 +214,12 @@ def export_main(argv=None):
     else:  # a Hugging Face directory usually carries its tokenizer
         beside = os.path.join(args.hf, "tokenizer.json") if args.hf else ""
         tok = beside if beside and os.path.isfile(beside) else ""
-    m = export_for_serving(model, args.out, max_len, tok, source=args.ckpt or args.hf)
+    if min(args.batch_sizes) < 1:
+        p.error(f"--batch-sizes must be >= 1, got {args.batch_sizes}")
+    m = export_for_serving(model, args.out, max_len, tok, source=args.ckpt or args.hf, batch_sizes=args.batch_sizes)
     c = m["cache"]
-    print(f"wrote {args.out}: prefill.mindir, decode.mindir, manifest.json{', tokenizer.json' if tok else ''}")
+    files = ", ".join(g["file"] for g in m["graphs"].values())
+    print(f"wrote {args.out}: {files}, manifest.json{', tokenizer.json' if tok else ''}")
     print(f"cache: {c['kind']} [L={c['layers']}, batch, {c['max_len']}, D={c['D']}] float32, "
           f"{c['bytes_per_token']:,} bytes/token vs {c['full_kv_bytes_per_token']:,} for full K/V "
           f"({c['full_kv_bytes_per_token'] / c['bytes_per_token']:.1f}x smaller)")
@@ -222,14 +228,15 @@ def export_main(argv=None):
 @_friendly
 def generate_main(argv=None):
     """Generate text from the Python model (--config/--ckpt/--hf) or from exported MindIR files (--mindir):
-    greedy or temperature / top-p sampling, with time to first token and decode tokens/s; --speculative drafts
-    with the MTP module and verifies with the main model (Python path, greedy)."""
+    greedy or temperature / top-p sampling, all prompts decoded as one batch (any lengths), with time to first
+    token and decode tokens/s; --speculative drafts with the MTP module and verifies with the main model (greedy,
+    one prompt at a time, both paths)."""
     p = argparse.ArgumentParser(prog="mindpangu-generate", description=generate_main.__doc__)
     p.add_argument("--config", default="", help="YAML recipe (checked against the checkpoint's own config)")
     p.add_argument("overrides", nargs="*", help="key.path=value overrides")
     _weights_args(p)
     p.add_argument("--mindir", default="", help="export directory written by tools/export_mindir.py")
-    p.add_argument("--prompt", nargs="+", default=["ROMEO:"], help="one or more prompts (each run on its own)")
+    p.add_argument("--prompt", nargs="+", default=["ROMEO:"], help="one or more prompts, decoded as one batch")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     p.add_argument("--top-p", type=float, default=1.0)
@@ -245,15 +252,21 @@ def generate_main(argv=None):
     from .data.tokenizer import load_tokenizer
     from .inference.generate import MindIRRunner, ModelRunner, Sampler, SpeculativeDecoder, generate
 
+    if args.max_new_tokens < 1:
+        p.error(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
     sampler = Sampler(args.temperature, args.top_p, args.seed)
     tok_path = args.tokenizer
+    if args.speculative and args.temperature:
+        p.error("--speculative decodes greedily: drop --temperature")
     if args.mindir:
-        if args.ckpt or args.hf or args.config or args.speculative:
-            p.error("--mindir runs the exported files alone: drop --config/--ckpt/--hf/--speculative")
+        if args.ckpt or args.hf or args.config:
+            p.error("--mindir runs the exported files alone: drop --config/--ckpt/--hf")
         import mindspore as ms
 
         ms.set_context(mode=ms.GRAPH_MODE)
-        runner, model = MindIRRunner(args.mindir), None
+        runner = MindIRRunner(args.mindir)
+        if args.speculative and "verify" not in runner.graphs:
+            p.error(f"--speculative needs the MTP graphs, and {args.mindir} has none (num_mtp_layers = 0)")
         if not tok_path and runner.manifest.get("tokenizer"):
             tok_path = os.path.join(args.mindir, runner.manifest["tokenizer"])
     else:
@@ -261,28 +274,29 @@ def generate_main(argv=None):
         runner = ModelRunner(model, args.max_len or min(512, model.config.max_position_embeddings))
         if not tok_path and cfg is not None:
             tok_path = cfg.train_dataset.tokenizer
-    if args.speculative and args.temperature:
-        p.error("--speculative decodes greedily: drop --temperature")
-    speculative = SpeculativeDecoder(model, runner.max_len) if args.speculative else None
+        if args.speculative and not model.config.num_mtp_layers:
+            p.error("speculative decoding drafts with the MTP module: the model has num_mtp_layers = 0")
+    speculative = SpeculativeDecoder(runner) if args.speculative else None
     tok = load_tokenizer(tok_path or "byte")
-    warm = np.array([tok.encode(args.prompt[0])], np.int32)  # compiles the graphs, so the timings below do not
-    generate(runner, warm, 3, Sampler())
+    prompts = [np.array(tok.encode(text), np.int32) for text in args.prompt]
+    generate(runner, prompts, 3, Sampler())  # compiles the graphs, so the timings below do not include it
     if speculative:
-        speculative(warm, 8)
-    for text in args.prompt:
-        ids = np.array([tok.encode(text)], np.int32)
-        out = generate(runner, ids, args.max_new_tokens, sampler, tok.eos_id)
-        print(f"--- {text!r} -> {tok.decode(out['tokens'][0])!r}")
-        print(f"    time to first token {out['ttft_s'] * 1e3:.1f} ms, decode {out['decode_tokens_per_s']:.1f} tokens/s "
-              f"({'MindIR' if args.mindir else 'Python'}, {out['tokens'].shape[1]} tokens)")
-        if speculative:
-            spec = speculative(ids, out["tokens"].shape[1])
-            same = np.array_equal(spec["tokens"], out["tokens"])
-            print(f"    speculative (MTP draft): acceptance {spec['acceptance_rate']:.1%} "
+        speculative(prompts[0][None], 3)
+    out = generate(runner, prompts, args.max_new_tokens, sampler, tok.eos_id)
+    path = "MindIR" if args.mindir else "Python"
+    for text, row, n in zip(args.prompt, out["tokens"], out["lengths"]):
+        print(f"--- {text!r} -> {tok.decode(row[:n])!r}")
+    print(f"    {len(prompts)} prompt(s) in one batch: time to first token {out['ttft_s'] * 1e3:.1f} ms, decode "
+          f"{out['decode_tokens_per_s']:.1f} tokens/s ({path}, {int(out['lengths'].sum())} tokens)")
+    if speculative:
+        for text, ids, row, n in zip(args.prompt, prompts, out["tokens"], out["lengths"]):
+            alone = generate(runner, [ids], int(n), Sampler())
+            spec = speculative(ids[None], int(n))
+            same = np.array_equal(spec["tokens"][0], alone["tokens"][0])
+            print(f"    {text!r} speculative (MTP draft): acceptance {spec['acceptance_rate']:.1%} "
                   f"({spec['accepted']}/{spec['drafts']}), mean accepted length {spec['mean_accepted_length']:.2f} "
-                  f"tokens/step, {spec['decode_tokens_per_s']:.1f} tokens/s, identical to greedy: {same}")
-            if not same:
-                raise SystemExit("error: speculative output differs from plain greedy")
+                  f"tokens/step, {spec['decode_tokens_per_s']:.1f} tokens/s vs {alone['decode_tokens_per_s']:.1f} "
+                  f"plain, identical to greedy: {same}")
 
 
 @_friendly

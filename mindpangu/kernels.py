@@ -23,7 +23,7 @@ from mindspore import Tensor, ops
 from .fsutil import cache_root
 
 _OPS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "ops", "cpu")
-SOURCES = (os.path.join(_OPS, "moe_kernels.cc"), os.path.join(_OPS, "norm_kernels.cc"))
+SOURCES = tuple(os.path.join(_OPS, name) for name in ("moe_kernels.cc", "norm_kernels.cc", "decode_kernels.cc"))
 HEADERS = (os.path.join(_OPS, "parallel_for.h"),)
 FLAGS = ["-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-pthread", "-D_GLIBCXX_USE_CXX11_ABI=0"]
 _LIBRARY: dict = {}
@@ -120,3 +120,20 @@ def make_rms_norm():
 def eps_tensor(eps: float) -> Tensor:
     """The RMSNorm kernel's eps input [1] float32."""
     return Tensor(np.array([eps], np.float32))
+
+
+
+def make_mla_decode(out_width: int):
+    """MLA cached decode in one kernel (``ops/cpu/decode_kernels.cc`` MlaDecode, forward only; ``out_width`` =
+    heads * v_head_dim): (q [B,Q,n*(nope+rope)], kv [B,Q,r+rope], kv_norm_weight [r], kv_b_weight [n*(nope+v), r],
+    cos [P, rope/2], sin [P, rope/2], positions [B,Q] i32, cache [B,M,r+rope], config [4] {n, nope, eps, scale},
+    interleave [1]) -> (out [B, Q, n*v], entries [B, Q, r+rope])."""
+    return custom_op("MlaDecode", lambda q, kv, *rest: ((q[0], q[1], out_width), kv), (ms.float32, ms.float32),
+                     out_width=out_width)
+
+
+def make_gqa_decode():
+    """GQA cached decode in one kernel (``ops/cpu/decode_kernels.cc`` GqaDecode, forward only): (q [B,Q,n*d],
+    k [B,Q,kv*d], v [B,Q,kv*d], cos [P, d/2], sin [P, d/2], positions [B,Q] i32, cache [B,M,2*kv*d],
+    config [2] {n, scale}, interleave [1]) -> (out [B, Q, n*d], entries [B, Q, 2*kv*d])."""
+    return custom_op("GqaDecode", lambda q, k, v, *rest: (q, (k[0], k[1], 2 * k[2])), (ms.float32, ms.float32))

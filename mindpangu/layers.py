@@ -147,12 +147,18 @@ def positions_mask(positions, cache_len: int):
     return ops.cast(keys > positions.expand_dims(-1), ms.float32) * -1e9
 
 
-def cache_write(cache, entries, positions):
-    """cache [B, M, D] with ``entries [B, Q, D]`` written at ``positions [B, Q]`` (a one-hot matmul: exact in fp32,
-    static shapes, and a rejected speculative token is simply overwritten by the next write)."""
-    onehot = ops.one_hot(positions, cache.shape[1], Tensor(1.0, ms.float32), Tensor(0.0, ms.float32))  # [B, Q, M]
-    keep = 1.0 - onehot.sum(1)
-    return cache * keep.expand_dims(-1) + ops.matmul(onehot.transpose(0, 2, 1), entries.astype(ms.float32))
+def cache_index(positions):
+    """positions [B, Q] int32 -> indices [B*Q, 2] int32 of (sequence, position), for :func:`cache_update`."""
+    b, q = positions.shape
+    sequence = ops.tile(ops.arange(0, b).astype(ms.int32).reshape(b, 1), (1, q))
+    return ops.stack((sequence, positions), -1).reshape(b * q, 2)
+
+
+def cache_update(cache, entries, index):
+    """Write ``entries [B, Q, D]`` into ``cache`` (a Parameter [B, M, D]) in place at ``index`` (:func:`cache_index`)
+    with one ScatterNdUpdate: the step copies Q rows per sequence, not the cache, and a rejected speculative
+    token is simply overwritten by the next write. -> the updated cache (read it from here, after the write)."""
+    return ops.scatter_nd_update(cache, index, entries.reshape(-1, entries.shape[-1]).astype(ms.float32))
 
 
 def attention_probs(scores, mask):

@@ -214,7 +214,8 @@ def _speculative(model, batches, prompt_len: int = 16, new_tokens: int = 32) -> 
 
     prompts = [b[i:i + 1, :prompt_len] for b in batches[:2] for i in range(min(2, len(b)))]
     max_len = prompt_len + new_tokens + 2
-    spec, plain = SpeculativeDecoder(model, max_len), ModelRunner(model, max_len)
+    plain = ModelRunner(model, max_len)
+    spec = SpeculativeDecoder(plain)
     sampler = Sampler(temperature=0.0)
     acc = steps = emitted = 0
     spec_s = plain_s = 0.0

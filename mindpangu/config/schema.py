@@ -171,6 +171,13 @@ class ModelConfig(Section):
                                        "(ops/cpu/norm_kernels.cc, CPU). auto: cpu_kernel on CPU when it builds "
                                        "and no semi-auto parallel context is set, else reference.",
                                choices=("auto", "reference", "cpu_kernel"))
+    decode_backend: str = option("auto", "Cached decode (serving) implementation of each layer's attention and "
+                                         "routed experts; training is unaffected. reference: composite MindSpore "
+                                         "ops (any device). cpu_kernel: one C++ aot kernel each "
+                                         "(ops/cpu/decode_kernels.cc MlaDecode / GqaDecode, moe_kernels.cc "
+                                         "MoeRowExperts; CPU, forward only). auto: cpu_kernel on CPU when it "
+                                         "builds and no semi-auto parallel context is set, else reference.",
+                                 choices=("auto", "reference", "cpu_kernel"))
     norm_layout: str = option("dssn", "pre_ln: 2 RMSNorms per layer. sandwich: 4 (input, post-attention output, "
                                       "pre-MLP, post-MLP output). dssn: sandwich with the post-norm gamma "
                                       "initialised to c/sqrt(L).", choices=("pre_ln", "sandwich", "dssn"))
@@ -440,6 +447,10 @@ CONSTRAINTS: Tuple[Constraint, ...] = (
     Constraint("cpu_kernel_norm_on_cpu", "model.norm_backend", ("context.device_target",),
                lambda c: f"the C++ kernels of ops/cpu run on CPU only, not on {c.context.device_target}"
                if c.model.norm_backend == "cpu_kernel" and c.context.device_target != "CPU" else None,
+               lambda c: "auto | reference"),
+    Constraint("cpu_kernel_decode_on_cpu", "model.decode_backend", ("context.device_target",),
+               lambda c: f"the C++ kernels of ops/cpu run on CPU only, not on {c.context.device_target}"
+               if c.model.decode_backend == "cpu_kernel" and c.context.device_target != "CPU" else None,
                lambda c: "auto | reference"),
     Constraint("ascend_dispatch_on_ascend", "model.moe.dispatch_backend", ("context.device_target",),
                lambda c: "MindSpore's fused MoE ops run on Ascend only"

@@ -1,5 +1,6 @@
-"""MindIR export: the plain forward pass (``export_mindir``) and the serving pair of prefill and cached decode
-graphs with a manifest (``export_for_serving``), choosing the MoE backend by the shapes asked.
+"""MindIR export: the plain forward pass (``export_mindir``) and the serving graphs with a manifest
+(``export_for_serving``: prefill, cached decode per batch size, MTP speculative graphs), choosing the MoE backend
+by the shapes asked.
 
 aot custom ops survive MindIR only with static shapes, and the file stores the kernel library's absolute path
 (``$MINDPANGU_CACHE/kernels/<hash>/libmindpangu_kernels.so``): the library must be at that path when the file is
@@ -12,7 +13,7 @@ import copy
 import json
 import os
 import shutil
-from typing import Dict, List, Optional
+from typing import Dict, Optional, Sequence
 
 import numpy as np
 import mindspore as ms
@@ -76,62 +77,103 @@ def _spec(name: str, shape, dtype: str, doc: str) -> Dict:
     return {"name": name, "shape": list(shape), "dtype": dtype, "doc": doc}
 
 
-def serving_cells(model, max_len: int, dynamic_decode: bool = True):
-    """(prefill, decode) cells of ``model`` with dynamic batch and prompt length and a ``max_len`` decode cache:
-    the reference dispatch path with a fixed block size (dynamic shapes), same weights. ``dynamic_decode=False``
-    leaves the decode batch static (one compile per batch size, ~4x faster per token on CPU than dynamic)."""
+def serving_cells(model, max_len: int, batch_sizes: Sequence[int] = (1,)):
+    """(prefill, {batch: decode}) cells of ``model`` (same weights). Prefill has dynamic batch and prompt length,
+    so it runs the reference path with a fixed dispatch block size; each decode cell has a static batch, its
+    caches inside as Parameters of length ``max_len``, and the model's own backends (C++ kernels on CPU)."""
     from ..inference.steps import DecodeStep, PrefillStep
 
-    twin = with_backend(model, "reference", DYNAMIC_BLOCK)
-    layers, width = model.config.num_layers, twin.model.layers[0].self_attn.cache_width
-    prefill, decode = PrefillStep(twin), DecodeStep(twin)
-    prefill.set_inputs(ms.Tensor(shape=[None, None], dtype=ms.int32))
-    if dynamic_decode:
-        decode.set_inputs(ms.Tensor(shape=[None, 1], dtype=ms.int32), ms.Tensor(shape=[None, 1], dtype=ms.int32),
-                          ms.Tensor(shape=[layers, None, max_len, width], dtype=ms.float32))
-    return prefill, decode
+    prefill = PrefillStep(with_backend(model, "reference", DYNAMIC_BLOCK))
+    prefill.set_inputs(ms.Tensor(shape=[None, None], dtype=ms.int32), ms.Tensor(shape=[None], dtype=ms.int32))
+    return prefill, {b: DecodeStep(model, b, max_len) for b in batch_sizes}
 
 
-def export_for_serving(model, out_dir: str, max_len: int, tokenizer: str = "", source: str = "") -> Dict:
-    """Write ``prefill.mindir``, ``decode.mindir`` and ``manifest.json`` (plus the tokenizer, if given) to
-    ``out_dir``, atomically (built aside, then swapped in). Batch and prompt length are dynamic; the decode
-    cache has the fixed length ``max_len``. -> the manifest.
+def _step_inputs(batch: int, queries: int):
+    zeros = np.zeros((batch, queries), np.int32)
+    return [ms.Tensor(zeros), ms.Tensor(zeros)]
+
+
+def export_for_serving(model, out_dir: str, max_len: int, tokenizer: str = "", source: str = "",
+                       batch_sizes: Sequence[int] = (1, 4, 16)) -> Dict:
+    """Write the serving graphs and ``manifest.json`` (plus the tokenizer, if given) to ``out_dir``, atomically
+    (built aside, then swapped in): ``prefill.mindir`` (dynamic batch and prompt length), one
+    ``decode_b<B>.mindir`` per batch size in ``batch_sizes`` (caches of length ``max_len`` inside, updated in
+    place), and for a model with MTP layers ``verify.mindir``, ``draft_prefill.mindir`` and ``draft.mindir``
+    (speculative decoding, batch 1). Each file holds its own copy of the weights. -> the manifest.
+    Raises ValueError for a ``max_len`` outside [1, max_position_embeddings] or a batch size < 1.
     """
+    from ..inference.generate import FORMAT
+    from ..inference.steps import CACHE_PREFIX, MTP_CACHE, DecodeStep, DraftPrefillStep, DraftStep
     from ..params import kv_cache_bytes_per_token
 
     cfg = model.config
     if not 1 <= max_len <= cfg.max_position_embeddings:
         raise ValueError(f"--max-len must be in [1, max_position_embeddings = {cfg.max_position_embeddings}], "
                          f"got {max_len}")
-    prefill, decode = serving_cells(model, max_len)
-    layers, _, _, width = decode.get_inputs()[2].shape
+    sizes = sorted(set(int(b) for b in batch_sizes))
+    if not sizes or sizes[0] < 1:
+        raise ValueError(f"decode batch sizes must be >= 1, got {list(batch_sizes)}")
+    prefill, decodes = serving_cells(model, max_len, sizes)
+    layers, width = cfg.num_layers, model.model.layers[0].self_attn.cache_width
     final = os.path.abspath(out_dir)
     tmp = staging_dir(final)
     _export(prefill, prefill.get_inputs(), os.path.join(tmp, "prefill"))
-    _export(decode, decode.get_inputs(), os.path.join(tmp, "decode"))
+    ids = _spec("input_ids", ["batch", "Q"], "int32", "the newest token of each sequence (Q = 1)")
+    positions = _spec("positions", ["batch", "Q"], "int32", "its position (= tokens before it); < max_len")
+    logits = _spec("logits", ["batch", "Q", cfg.vocab_size], "float32", "next-token logits")
+    caches = {"parameters": [f"{CACHE_PREFIX}{i}" for i in range(layers)], "shape": ["batch", "max_len", "D"],
+              "doc": "one Parameter per layer, written in place each step; fill from prefill with set_data"}
+    graphs = {
+        "prefill": {"file": "prefill.mindir",
+                    "inputs": [_spec("input_ids", ["batch", "seq"], "int32", "prompts, right-padded with any id"),
+                               _spec("lengths", ["batch"], "int32", "each prompt's length")],
+                    "outputs": [_spec("logits", ["batch", cfg.vocab_size], "float32", "each prompt's last token"),
+                                _spec("hidden", ["batch", "seq", cfg.hidden_size], "float32",
+                                      "residual stream before the final norm (MTP drafting)"),
+                                _spec("caches", ["L", "batch", "seq", "D"], "float32",
+                                      "the prompts' cache entries; copy into a decode graph's cache Parameters")]},
+    }
+    for b, cell in decodes.items():
+        name = f"decode_b{b}"
+        _export(cell, _step_inputs(b, 1), os.path.join(tmp, name))
+        graphs[name] = {"file": f"{name}.mindir", "batch": b, "inputs": [ids, positions], "outputs": [logits],
+                        "caches": caches}
+    if cfg.num_mtp_layers:
+        verify = DecodeStep(model, 1, max_len, hidden=True)
+        _export(verify, _step_inputs(1, 2), os.path.join(tmp, "verify"))
+        draft_prefill = DraftPrefillStep(with_backend(model, "reference", DYNAMIC_BLOCK))
+        draft_prefill.set_inputs(ms.Tensor(shape=[1, None, cfg.hidden_size], dtype=ms.float32),
+                                 ms.Tensor(shape=[1, None], dtype=ms.int32))
+        _export(draft_prefill, draft_prefill.get_inputs(), os.path.join(tmp, "draft_prefill"))
+        draft = DraftStep(model, 1, max_len)
+        _export(draft, [ms.Tensor(np.zeros((1, 2, cfg.hidden_size), np.float32)), *_step_inputs(1, 2)],
+                os.path.join(tmp, "draft"))
+        hidden = _spec("hidden", [1, 2, cfg.hidden_size], "float32", "main residual at the two positions")
+        graphs["verify"] = {"file": "verify.mindir", "batch": 1, "inputs": [ids, positions],
+                            "outputs": [logits, hidden], "caches": caches,
+                            "doc": "speculative verify: [newest token, draft] at [p, p + 1]"}
+        graphs["draft_prefill"] = {"file": "draft_prefill.mindir", "doc": "first MTP layer over the prompt: "
+                                   "(hidden [1, S, H], next tokens [1, S]) -> (logits [1, S, V], cache entries "
+                                   "[1, S, D])"}
+        graphs["draft"] = {"file": "draft.mindir", "batch": 1, "caches": {"parameters": [MTP_CACHE]},
+                           "doc": "first MTP layer at 2 positions: (hidden [1, 2, H], next tokens [1, 2], "
+                                  "positions [1, 2]) -> logits [1, 2, V] of the token after next"}
     cache_kind = "mla_latent" if cfg.type == "pangu_ultra_moe" else "gqa_kv"
-    sizes = kv_cache_bytes_per_token(cfg, 4)
-    caches: List = ["L", "batch", "max_len", "D"]
+    bytes_per = kv_cache_bytes_per_token(cfg, 4)
+    backend = resolve_backend(cfg.moe.dispatch_backend)
+    uses_kernels = any(getattr(cell, "use_kernel", False) or getattr(cell, "decode_kernel", False)
+                       or getattr(cell, "row_experts", None) is not None for _, cell in model.cells_and_names())
     manifest = {
-        "format": "mindpangu-mindir/1",
+        "format": FORMAT,
         "model_type": cfg.type,
         "source": source,
-        "dispatch_backend": "reference",
-        "graphs": {
-            "prefill": {"file": "prefill.mindir",
-                        "inputs": [_spec("input_ids", ["batch", "seq"], "int32", "prompt tokens, equal lengths")],
-                        "outputs": [_spec("logits", ["batch", cfg.vocab_size], "float32", "last position"),
-                                    _spec("caches", ["L", "batch", "seq", "D"], "float32",
-                                          "per-layer cache of the prompt; pad axis 2 with zeros to max_len")]},
-            "decode": {"file": "decode.mindir",
-                       "inputs": [_spec("input_ids", ["batch", 1], "int32", "the newest token"),
-                                  _spec("positions", ["batch", 1], "int32", "its position (= tokens before it)"),
-                                  _spec("caches", caches, "float32", "from prefill or the previous step")],
-                       "outputs": [_spec("logits", ["batch", 1, cfg.vocab_size], "float32", "next-token logits"),
-                                   _spec("caches", caches, "float32", "with the new token written")]},
-        },
+        "prefill_dispatch_backend": "reference",
+        "decode_dispatch_backend": backend,
+        "kernel_library": kernel_library() if uses_kernels else None,
+        "decode_batch_sizes": sizes,
+        "graphs": graphs,
         "cache": {"kind": cache_kind, "layers": layers, "D": width, "max_len": max_len, "dtype": "float32",
-                  "bytes_per_token": sizes["cached"], "full_kv_bytes_per_token": sizes["full_kv"]},
+                  "bytes_per_token": bytes_per["cached"], "full_kv_bytes_per_token": bytes_per["full_kv"]},
         "tokenizer": None,
         "config": {"model": cfg.to_dict()},
     }

@@ -1,53 +1,125 @@
-"""The cells a server runs: prefill (prompt -> logits of its last position + attention caches) and decode
-(new tokens + caches of a fixed maximum length -> logits + updated caches). They compile in GRAPH mode and are
-what ``mindpangu.export`` writes to MindIR, so the Python path and the exported files run the same graph.
+"""The cells a server runs. They compile in GRAPH mode and are what ``mindpangu.export`` writes to MindIR, so the
+Python path and the exported files run the same graphs.
 
-Caches are stacked over layers, ``[L, B, M, D]``: D = kv_lora_rank + qk_rope_head_dim for MLA (the compressed
-latent and the shared rope key), 2 * kv_heads * head_dim for GQA (roped K, then V).
+- :class:`PrefillStep`: right-padded prompts of any lengths -> logits of each prompt's last token, the residual
+  stream, and the attention caches of the prompt, stacked ``[L, B, S, D]`` (D = kv_lora_rank + qk_rope_head_dim
+  for MLA: the compressed latent and the shared rope key; 2 * kv_heads * head_dim for GQA: roped K, then V).
+- :class:`DecodeStep`: Q new tokens per sequence at their positions -> logits. The caches live in the cell as one
+  Parameter ``[B, M, D]`` per layer (``decode_cache.<layer>``) and each step writes its Q entries in place
+  (ScatterNdUpdate, as mindformers' incremental inference keeps its KV cache in Parameters): nothing of the
+  cache crosses the graph boundary per token. Batch B and cache length M are static (what Ascend graph mode and
+  the C++ decode kernels need). :func:`load_caches` fills the Parameters from a prefill.
+- :class:`DraftPrefillStep` / :class:`DraftStep`: the first MTP layer over a prompt, then Q positions at a time
+  with its own cache Parameter (``mtp_cache``), for speculative decoding.
+
+Padding rows of a prompt batch (after a prompt's last token) produce cache entries that no query sees: decode
+writes position p before any query attends to it, and a query at p sees keys 0..p only.
 """
 from __future__ import annotations
 
-from mindspore import nn
+from typing import List, Sequence
+
+import numpy as np
+import mindspore as ms
+from mindspore import Parameter, ParameterTuple, Tensor, nn, ops
+
+CACHE_PREFIX = "decode_cache."
+MTP_CACHE = "mtp_cache"
+
+
+def last_positions(x, lengths):
+    """x [B, S, H], lengths [B] int32 -> x at each row's position lengths - 1: [B, 1, H] (a one-hot batched
+    matmul: exact, and valid for dynamic B and S)."""
+    onehot = ops.one_hot(lengths - 1, x.shape[1], Tensor(1.0, ms.float32), Tensor(0.0, ms.float32))
+    return ops.matmul(onehot.expand_dims(1), x)
 
 
 class PrefillStep(nn.Cell):
-    """input_ids [B, S] int32 -> (logits of the last position [B, V], caches [L, B, S, D])
-    (+ the residual stream [B, S, H] between them with ``hidden=True``, for MTP drafting)."""
-
-    def __init__(self, model, hidden: bool = False):
-        super().__init__(auto_prefix=False)  # wrapping must not rename the model's parameters
-        self.model, self.hidden = model, hidden
-
-    def construct(self, input_ids):
-        normed, h, caches = self.model.model.cached(input_ids)
-        logits = self.model.logits(normed[:, -1:])[:, 0]
-        if self.hidden:
-            return logits, h, caches
-        return logits, caches
-
-
-class DecodeStep(nn.Cell):
-    """input_ids [B, Q] int32 at positions [B, Q] int32, caches [L, B, M, D] -> (logits [B, Q, V], caches)
-    (+ the residual stream [B, Q, H] between them with ``hidden=True``)."""
-
-    def __init__(self, model, hidden: bool = False):
-        super().__init__(auto_prefix=False)  # wrapping must not rename the model's parameters
-        self.model, self.hidden = model, hidden
-
-    def construct(self, input_ids, positions, caches):
-        logits, h, caches = self.model.decode(input_ids, positions, caches)
-        if self.hidden:
-            return logits, h, caches
-        return logits, caches
-
-
-class DraftStep(nn.Cell):
-    """The first MTP layer: (main residual h [B, Q, H], next tokens [B, Q], positions [B, Q], its cache
-    [B, M, D]) -> (logits [B, Q, V] for the token after next, cache)."""
+    """input_ids [B, S] int32 (prompts right-padded to S), lengths [B] int32 -> (logits of each prompt's last
+    token [B, V], residual stream [B, S, H], caches [L, B, S, D])."""
 
     def __init__(self, model):
         super().__init__(auto_prefix=False)  # wrapping must not rename the model's parameters
         self.model = model
 
-    def construct(self, h, next_ids, positions, cache):
-        return self.model.draft(h, next_ids, positions, cache)
+    def construct(self, input_ids, lengths):
+        normed, h, caches = self.model.model.cached(input_ids)
+        logits = self.model.logits(last_positions(normed, lengths))[:, 0]
+        return logits, h, caches
+
+
+def _zeros(shape) -> Tensor:
+    return Tensor(np.zeros(shape, np.float32))
+
+
+class DecodeStep(nn.Cell):
+    """input_ids [B, Q] int32 at positions [B, Q] int32 -> logits [B, Q, V] (+ the residual stream [B, Q, H]
+    with ``hidden=True``, which MTP drafting reads), the caches (``decode_cache.<layer>`` Parameters
+    [batch, max_len, D]) updated in place. A position must be < max_len."""
+
+    def __init__(self, model, batch: int, max_len: int, hidden: bool = False):
+        super().__init__(auto_prefix=False)  # wrapping must not rename the model's parameters
+        cfg = model.config
+        self.model, self.hidden, self.batch, self.max_len = model, hidden, batch, max_len
+        width = model.model.layers[0].self_attn.cache_width
+        self.caches = ParameterTuple(Parameter(_zeros((batch, max_len, width)), name=f"{CACHE_PREFIX}{i}",
+                                               requires_grad=False) for i in range(cfg.num_layers))
+
+    def construct(self, input_ids, positions):
+        logits, h, _ = self.model.decode(input_ids, positions, self.caches)
+        if self.hidden:
+            return logits, h
+        return logits
+
+
+class DraftPrefillStep(nn.Cell):
+    """The first MTP layer over a prompt: (main residual h [B, S, H], the next token of each position
+    next_ids [B, S]) -> (logits [B, S, V] for the token after next, its cache entries [B, S, D])."""
+
+    def __init__(self, model):
+        super().__init__(auto_prefix=False)
+        self.model = model
+
+    def construct(self, h, next_ids):
+        return self.model.draft(h, next_ids)
+
+
+class DraftStep(nn.Cell):
+    """The first MTP layer at Q positions: (main residual h [B, Q, H], next tokens [B, Q], positions [B, Q]) ->
+    logits [B, Q, V] for the token after next, its cache (``mtp_cache`` [batch, max_len, D]) updated in place."""
+
+    def __init__(self, model, batch: int, max_len: int):
+        super().__init__(auto_prefix=False)
+        self.model = model
+        width = model.model.mtp_layers[0].self_attn.cache_width
+        self.cache = Parameter(_zeros((batch, max_len, width)), name=MTP_CACHE, requires_grad=False)
+
+    def construct(self, h, next_ids, positions):
+        logits, _ = self.model.draft(h, next_ids, positions, self.cache)
+        return logits
+
+
+def load_caches(params: Sequence[Parameter], caches: np.ndarray, rows: Sequence[int] = ()) -> None:
+    """Fill cache Parameters ([batch, M, D] each) from a prefill's caches ``[len(params), n, S, D]`` (S <= M):
+    sequence j goes to row ``rows[j]`` (default j); every other row and position is zeroed. Raises ValueError
+    for a prompt longer than the cache or more sequences than rows."""
+    caches = np.asarray(caches, np.float32)
+    if caches.ndim == 3:  # a single cache (the MTP layer's)
+        caches = caches[None]
+    batch, max_len, width = params[0].shape
+    n, s = caches.shape[1], caches.shape[2]
+    if s > max_len:
+        raise ValueError(f"the prompt batch has {s} tokens; the cache holds at most {max_len}")
+    if n > batch:
+        raise ValueError(f"{n} sequences do not fit a decode batch of {batch}")
+    rows = list(rows) or list(range(n))
+    for param, cache in zip(params, caches):
+        full = np.zeros((batch, max_len, width), np.float32)
+        full[rows, :s] = cache
+        param.set_data(Tensor(full))
+
+
+def read_caches(params: Sequence[Parameter], rows: Sequence[int]) -> List[np.ndarray]:
+    """The cache rows ``rows`` of each Parameter -> [len(rows), M, D] per Parameter (for moving sequences to
+    another batch size)."""
+    return [param.asnumpy()[list(rows)] for param in params]

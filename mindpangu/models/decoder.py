@@ -7,7 +7,7 @@ from __future__ import annotations
 from mindspore import nn, ops
 
 from ..config.schema import ModelConfig
-from ..layers import Embedding, Linear, RMSNorm, SwiGLU
+from ..layers import Embedding, Linear, RMSNorm, SwiGLU, cache_index
 from ..moe import MoELayer
 
 class DecoderLayer(nn.Cell):
@@ -27,22 +27,23 @@ class DecoderLayer(nn.Cell):
             self.post_mlp_layernorm = RMSNorm(h, eps, cfg.norm_backend)
         self.is_moe = layer_index >= cfg.first_k_dense_replace
         if self.is_moe:
-            self.mlp = MoELayer(h, cfg.moe, cfg.compute_dtype, shared_name)
+            self.mlp = MoELayer(h, cfg.moe, cfg.compute_dtype, shared_name, cfg.decode_backend)
         else:
             self.mlp = SwiGLU(h, cfg.intermediate_size, cfg.compute_dtype)
 
-    def block(self, h, positions=None, cache=None):
+    def block(self, h, positions=None, cache=None, index=None):
         """h [B, S, H] -> (h, router outputs or None, attention cache).
 
         Without a cache: causal attention over h, and the cache is this layer's entries for h [B, S, D]
-        (prefill). With ``cache [B, M, D]``: h is S new tokens at ``positions [B, S]``, written into the cache
-        and attending to everything cached up to their position (decode).
+        (prefill). With ``cache`` (a Parameter [B, M, D]): h is S new tokens at ``positions [B, S]``, written into
+        the cache in place at ``index`` (``layers.cache_index(positions)``) and attending to everything cached up
+        to their position (decode; router outputs None).
         """
         x = self.input_layernorm(h)
         if cache is None:
             a, cache = self.self_attn.prefill(x)
         else:
-            a, cache = self.self_attn.decode(x, positions, cache)
+            a, cache = self.self_attn.decode(x, positions, cache, index)
         if self.sandwich:
             h = h + self.post_attention_layernorm(a)
             x = self.pre_mlp_layernorm(h)
@@ -50,10 +51,12 @@ class DecoderLayer(nn.Cell):
             h = h + a
             x = self.post_attention_layernorm(h)
         route = None
-        if self.is_moe:
+        if not self.is_moe:
+            y = self.mlp(x)
+        elif cache is None or index is None:
             y, route = self.mlp(x)
         else:
-            y = self.mlp(x)
+            y = self.mlp.decode(x)
         if self.sandwich:
             y = self.post_mlp_layernorm(y)
         return h + y, route, cache
@@ -89,10 +92,10 @@ class MTPLayer(DecoderLayer):
         self.eh_proj = Linear(2 * h, h, False, cfg.compute_dtype)
         self.shared_head = MTPHead(cfg)
 
-    def construct(self, h, next_embeds, positions=None, cache=None):
+    def construct(self, h, next_embeds, positions=None, cache=None, index=None):
         """-> (residual out, normed head input, router outputs or None, attention cache); see ``block``."""
         x = self.eh_proj(ops.concat((self.enorm(next_embeds), self.hnorm(h)), -1))
-        out, route, cache = self.block(x, positions, cache)
+        out, route, cache = self.block(x, positions, cache, index)
         return out, self.shared_head(out), route, cache
 
 
@@ -119,19 +122,25 @@ class DecoderModel(nn.Cell):
         return self.norm(h), h, routes
 
     def cached(self, input_ids, positions=None, caches=None):
-        """Inference with the attention cache of every layer stacked as ``caches [L, B, M, D]``.
+        """Inference with an attention cache per layer.
 
         No caches: prefill of input_ids [B, S] -> (normed [B,S,H], residual [B,S,H], caches [L, B, S, D]).
-        With caches: decode of S new tokens at ``positions [B, S]`` -> the same, caches updated in place of M.
+        With ``caches`` (one Parameter [B, M, D] per layer): decode of S new tokens at ``positions [B, S]``,
+        written into the caches in place -> (normed, residual, caches).
         """
         h = self.embed_tokens(input_ids)
-        new_caches = ()
+        if caches is None:
+            new_caches = ()
+            for layer in self.layers:
+                h, _, cache = layer.block(h)
+                new_caches = new_caches + (cache,)
+            return self.norm(h), h, ops.stack(new_caches)
+        index = cache_index(positions)
         i = 0
         for layer in self.layers:
-            h, _, cache = layer.block(h, positions, None if caches is None else caches[i])
-            new_caches = new_caches + (cache,)
+            h, _, _ = layer.block(h, positions, caches[i], index)
             i += 1
-        return self.norm(h), h, ops.stack(new_caches)
+        return self.norm(h), h, caches
 
 
 class CausalLM(nn.Cell):
@@ -185,12 +194,16 @@ class CausalLM(nn.Cell):
         return self.logits(normed), h, caches
 
     def decode(self, input_ids, positions, caches):
-        """input_ids [B, Q] at ``positions [B, Q]`` with ``caches [L, B, M, D]`` -> (logits, residual, caches)."""
+        """input_ids [B, Q] at ``positions [B, Q]`` with ``caches`` (a Parameter [B, M, D] per layer, updated in
+        place) -> (logits [B, Q, V], residual [B, Q, H], caches)."""
         normed, h, caches = self.model.cached(input_ids, positions, caches)
         return self.logits(normed), h, caches
 
     def draft(self, h, next_ids, positions=None, cache=None):
         """The first MTP layer at positions whose main residual ``h [B, Q, H]`` and next token ``next_ids [B, Q]``
-        are known -> (logits [B, Q, V] for the token after next, its cache [B, M, D]); no cache means prefill."""
-        _, head_in, _, cache = self.model.mtp_layers[0](h, self.model.embed_tokens(next_ids), positions, cache)
+        are known -> (logits [B, Q, V] for the token after next, its cache). No cache: prefill over the Q
+        positions 0..Q-1, the cache is their entries [B, Q, D]; with ``cache`` (a Parameter [B, M, D]) the entries
+        are written into it in place at ``positions [B, Q]``."""
+        index = None if cache is None else cache_index(positions)
+        _, head_in, _, cache = self.model.mtp_layers[0](h, self.model.embed_tokens(next_ids), positions, cache, index)
         return self.logits(head_in), cache

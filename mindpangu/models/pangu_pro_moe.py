@@ -7,10 +7,12 @@ Parameter names follow the Pangu Pro MoE Hugging Face checkpoint (``model.layers
 """
 from __future__ import annotations
 
-from mindspore import nn, ops
+import numpy as np
+from mindspore import Tensor, nn, ops
 
 from ..config.schema import ModelConfig
-from ..layers import Linear, Rotary, attention_probs, cache_write, causal_mask, positions_mask
+from ..kernels import make_gqa_decode, resolve_kernels
+from ..layers import Linear, Rotary, attention_probs, cache_update, causal_mask, positions_mask
 from .decoder import CausalLM
 
 
@@ -31,6 +33,11 @@ class GQAttention(nn.Cell):
         self.scale = self.head_dim ** -0.5
 
         self.cache_width = 2 * self.kv_heads * self.head_dim  # roped K then V, per token
+        self.decode_kernel = resolve_kernels(cfg.decode_backend, "model.decode_backend") == "cpu_kernel"
+        if self.decode_kernel:
+            self.fused_decode = make_gqa_decode()
+            self.decode_config = Tensor(np.array([self.n_heads, self.scale], np.float32))
+            self.interleave = Tensor(np.array([float(cfg.rope_interleave)], np.float32))
 
     def project(self, x, positions):
         """-> q [B, kv, rep, S, d] (roped), k [B, kv, S, d] (roped), v [B, kv, S, d]."""
@@ -58,14 +65,20 @@ class GQAttention(nn.Cell):
         entries = ops.concat((k.transpose(0, 2, 1, 3).reshape(b, s, -1), v.transpose(0, 2, 1, 3).reshape(b, s, -1)), -1)
         return self.attend(q, k, v, causal_mask(s, s)), entries
 
-    def decode(self, x, positions, cache):
-        """x [B, Q, H] at ``positions [B, Q]``, K/V cache [B, M, 2 * kv * d] -> (output, updated cache)."""
+    def decode(self, x, positions, cache, index):
+        """x [B, Q, H] at ``positions [B, Q]``; ``cache`` the K/V cache Parameter [B, M, 2 * kv * d], written in
+        place at ``index`` (``layers.cache_index(positions)``) -> (output [B, Q, H], the cache). ``decode_backend``
+        cpu_kernel runs RoPE and attention after the projections in one kernel (GqaDecode)."""
         b, q_len, _ = x.shape
         kv, d = self.kv_heads, self.head_dim
+        if self.decode_kernel:
+            out, entries = self.fused_decode(self.q_proj(x), self.k_proj(x), self.v_proj(x), self.rotary.cos,
+                                             self.rotary.sin, positions, cache, self.decode_config, self.interleave)
+            return self.o_proj(out), cache_update(cache, entries, index)
         q, k, v = self.project(x, positions)
         entries = ops.concat((k.transpose(0, 2, 1, 3).reshape(b, q_len, -1),
                               v.transpose(0, 2, 1, 3).reshape(b, q_len, -1)), -1)
-        cache = cache_write(cache, entries, positions)
+        cache = cache_update(cache, entries, index)
         m = cache.shape[1]
         k_all = cache[..., : kv * d].reshape(b, m, kv, d).transpose(0, 2, 1, 3)
         v_all = cache[..., kv * d:].reshape(b, m, kv, d).transpose(0, 2, 1, 3)

@@ -7,10 +7,12 @@ under ``model.mtp_layers.J`` (``model.layers.{L+J}`` in HF checkpoints).
 """
 from __future__ import annotations
 
-from mindspore import nn, ops
+import numpy as np
+from mindspore import Tensor, nn, ops
 
 from ..config.schema import ModelConfig
-from ..layers import Linear, RMSNorm, Rotary, attention_probs, cache_write, causal_mask, positions_mask
+from ..kernels import make_mla_decode, resolve_kernels
+from ..layers import Linear, RMSNorm, Rotary, attention_probs, cache_update, causal_mask, positions_mask
 from .decoder import CausalLM
 
 
@@ -39,12 +41,20 @@ class MLAttention(nn.Cell):
         self.scale = (self.nope + self.rope_dim) ** -0.5
 
         self.cache_width = self.kv_rank + self.rope_dim  # the latent cache: kv_lora_rank + rope dims per token
+        self.decode_kernel = resolve_kernels(cfg.decode_backend, "model.decode_backend") == "cpu_kernel"
+        if self.decode_kernel:
+            self.fused_decode = make_mla_decode(n * self.v_dim)
+            self.decode_config = Tensor(np.array([n, self.nope, cfg.rms_norm_eps, self.scale], np.float32))
+            self.interleave = Tensor(np.array([float(cfg.rope_interleave)], np.float32))
+
+    def queries(self, x):
+        """x [B, S, H] -> q [B, S, n * (nope + rope)], before RoPE."""
+        return self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x))) if self.use_q_lora else self.q_proj(x)
 
     def project(self, x, positions):
         """-> q_nope [B,n,S,nope], roped q_pe [B,n,S,rope], normed latent c [B,S,kv_rank], roped k_pe [B,1,S,rope]."""
         b, s, _ = x.shape
-        q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x))) if self.use_q_lora else self.q_proj(x)
-        q = q.reshape(b, s, self.n_heads, self.nope + self.rope_dim).transpose(0, 2, 1, 3)
+        q = self.queries(x).reshape(b, s, self.n_heads, self.nope + self.rope_dim).transpose(0, 2, 1, 3)
         q_nope, q_pe = q[..., : self.nope], self.rotary(q[..., self.nope:], positions)
         latent = self.kv_a_proj_with_mqa(x)  # [B, S, kv_rank + rope]
         c = self.kv_a_layernorm(latent[..., : self.kv_rank])
@@ -67,16 +77,23 @@ class MLAttention(nn.Cell):
         out = ops.matmul(probs, v).transpose(0, 2, 1, 3).reshape(b, s, n * self.v_dim)
         return self.o_proj(out), ops.concat((c, k_pe.reshape(b, s, self.rope_dim)), -1)
 
-    def decode(self, x, positions, cache):
-        """x [B, Q, H] at ``positions [B, Q]``, latent cache [B, M, kv_rank + rope] -> (output, updated cache).
+    def decode(self, x, positions, cache, index):
+        """x [B, Q, H] at ``positions [B, Q]``; ``cache`` the latent cache Parameter [B, M, kv_rank + rope], written
+        in place at ``index`` (``layers.cache_index(positions)``) -> (output [B, Q, H], the cache).
 
         Attention runs on the latent with kv_b_proj absorbed (DeepSeek-V2 §2.1.2): q_nope W_UK scores against the
         cached c directly, and W_UV maps the attended latent to values, so no per-head K/V is ever materialised.
+        ``decode_backend`` cpu_kernel does all of it after the projections in one kernel (MlaDecode).
         """
         b, q_len, _ = x.shape
         n, r = self.n_heads, self.kv_rank
+        if self.decode_kernel:
+            out, entries = self.fused_decode(self.queries(x), self.kv_a_proj_with_mqa(x), self.kv_a_layernorm.weight,
+                                             self.kv_b_proj.weight, self.rotary.cos, self.rotary.sin, positions,
+                                             cache, self.decode_config, self.interleave)
+            return self.o_proj(out), cache_update(cache, entries, index)
         q_nope, q_pe, c, k_pe = self.project(x, positions)
-        cache = cache_write(cache, ops.concat((c, k_pe.reshape(b, q_len, self.rope_dim)), -1), positions)
+        cache = cache_update(cache, ops.concat((c, k_pe.reshape(b, q_len, self.rope_dim)), -1), index)
         m = cache.shape[1]
         c_all = cache[..., :r].reshape(b, 1, m, r)
         pe_all = cache[..., r:].reshape(b, 1, m, self.rope_dim)

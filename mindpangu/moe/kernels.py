@@ -56,3 +56,9 @@ def make_unpermute():
         return d_ys, ops.zeros_like(slot), d_weights
 
     return _custom("MoeUnpermute", lambda ys, s, w: (w[0], ys[1]), ms.float32, bprop)
+
+
+def make_row_experts():
+    """(x [T,H], weights [T,K], indices [T,K] i32, gate [E,I,H], up [E,I,H], down [E,H,I]) -> y [T,H]: the routed
+    SwiGLU experts row by row, reading expert weights in place (``MoeRowExperts``; cached decode, forward only)."""
+    return _custom("MoeRowExperts", lambda x, *rest: x, ms.float32)

@@ -5,6 +5,7 @@ import numpy as np
 from mindspore import Parameter, Tensor, nn, ops
 
 from ..config.schema import MoEConfig
+from ..kernels import resolve_kernels
 from ..layers import SwiGLU
 from .experts import GroupedExperts
 from .router import Router
@@ -17,11 +18,12 @@ class MoELayer(nn.Cell):
     dispatcher (no parameters) is the one ``cfg.dispatch_backend`` resolves to (``token_dispatcher.py``).
 
     ``shared_name`` is the attribute holding the shared expert: ``shared_experts`` (DeepSeek / openPangu Ultra
-    MoE) or ``shared_expert`` (Pangu Pro MoE).
+    MoE) or ``shared_expert`` (Pangu Pro MoE). ``decode_backend`` (``model.decode_backend``) picks how
+    :meth:`decode` runs the routed experts.
     """
 
     def __init__(self, hidden: int, cfg: MoEConfig, compute_dtype: str = "float32",
-                 shared_name: str = "shared_experts"):
+                 shared_name: str = "shared_experts", decode_backend: str = "reference"):
         super().__init__()
         self.hidden = hidden
         self.backend = resolve_backend(cfg.dispatch_backend)
@@ -31,6 +33,11 @@ class MoELayer(nn.Cell):
             self.router_scale = Parameter(Tensor(np.ones((1, cfg.num_experts), np.float32)), name="router_scale")
         self.token_dispatcher = build_dispatcher(self.backend, cfg.num_experts, cfg.dispatch_block_size)
         self.experts = GroupedExperts(cfg.num_experts, hidden, cfg.intermediate_size, compute_dtype)
+        self.row_experts = None
+        if resolve_kernels(decode_backend, "model.decode_backend") == "cpu_kernel" and compute_dtype == "float32":
+            from .kernels import make_row_experts
+
+            self.row_experts = make_row_experts()
         shared = cfg.shared_expert_intermediate_size or cfg.num_shared_experts * cfg.intermediate_size
         self.has_shared = cfg.num_shared_experts > 0
         self.shared_name = shared_name
@@ -58,3 +65,18 @@ class MoELayer(nn.Cell):
         if self.has_shared:
             y = y + getattr(self, self.shared_name)(x)
         return y, (weights, indices, scores, logits, counts)
+
+    def decode(self, x):
+        """x [B, Q, H] (a decode step's few tokens) -> y [B, Q, H], the same function as :meth:`construct`
+        without the router outputs. With the row-experts kernel each (token,
+        expert) pair reads its expert's weights in place instead of being dispatched into padded blocks."""
+        if self.row_experts is None:
+            return self.construct(x)[0]
+        b, s, h = x.shape
+        flat = x.reshape(b * s, h)
+        weights, indices, _, _, _ = self.route(flat)
+        e = self.experts
+        y = self.row_experts(flat, weights, indices, e.gate_proj, e.up_proj, e.down_proj).reshape(b, s, h)
+        if self.has_shared:
+            y = y + getattr(self, self.shared_name)(x)
+        return y
