@@ -246,20 +246,8 @@ def train_worker(side: str, config: str, overrides, steps: int) -> dict:
 
 
 def _peer_step(cfg: TrainConfig):
-    try:
-        import torch
-        from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
-    except ImportError as e:
-        raise SystemExit(f"tools/bench.py compare needs torch and transformers for the peer ({e}); install them "
-                         "with: pip install -e '.[bench]'")
-    from .convert.hf import config_to_hf
-
-    torch.set_num_threads(os.cpu_count() or 1)
-    torch.manual_seed(cfg.seed)
-    hf = {k: v for k, v in config_to_hf(cfg.model).items() if k not in ("architectures", "model_type", "torch_dtype")}
-    peer_cfg = DeepseekV3Config(**hf)
-    peer_cfg._attn_implementation = "eager"
-    model = DeepseekV3ForCausalLM(peer_cfg).float().train()
+    model = _peer_model(cfg).train()
+    import torch
     o = cfg.optimizer
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay)
 
@@ -334,6 +322,126 @@ def bench_compare(config: str = PEER_RECIPE, rounds: int = 3, steps: int = 8, de
         print(f"{b['layers']} vs {a['layers']} layers: first step {b['first_step_s'] / a['first_step_s']:.2f}x, "
               f"peak RSS {b['peak_rss_mb'] / a['peak_rss_mb']:.2f}x, step {b['step_s'] / a['step_s']:.2f}x")
     return {"runs": runs, "median_tokens_per_s": med, "ratios": ratios, "sweep": sweep}
+
+
+# ---- serving -----------------------------------------------------------------------------------------------------
+SERVE_RECIPE = os.path.join(_RECIPES, "pangu_ultra_moe", "tiny.yaml")
+
+
+def serve_worker(side: str, config: str, overrides, batches, prompt_len: int, new_tokens: int, workdir: str) -> dict:
+    """One side of ``bench serve`` in this process, on random weights and random prompts of ``prompt_len``
+    tokens: side 'mindir' (export_for_serving, then the exported graphs), 'python' (ModelRunner) or 'peer'
+    (transformers' DeepseekV3ForCausalLM.generate, greedy, its own KV cache). Each batch size is warmed up
+    (graphs compiled) before it is timed. -> {"side", "batches": {b: {ttft_s, prefill_tokens_per_s,
+    decode_tokens_per_s}}}. Decode tokens/s counts tokens after the first (which prefill produces)."""
+    from .config import load_config
+
+    cfg = load_config(config, list(overrides))
+    rng = np.random.default_rng(cfg.seed)
+    prompts = rng.integers(0, cfg.model.vocab_size, (max(batches), prompt_len)).astype(np.int32)
+    results = {}
+    if side == "peer":
+        import torch
+
+        model = _peer_model(cfg).eval()
+
+        def run(b: int, n: int) -> float:
+            ids = torch.from_numpy(prompts[:b].astype(np.int64))
+            start = time.perf_counter()
+            with torch.no_grad():
+                model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
+                               do_sample=False, pad_token_id=0)
+            return time.perf_counter() - start
+
+        for b in batches:
+            run(b, 3)
+            first = min(run(b, 1) for _ in range(3))
+            total = run(b, new_tokens)
+            results[b] = {"ttft_s": first, "prefill_tokens_per_s": b * prompt_len / first,
+                          "decode_tokens_per_s": b * (new_tokens - 1) / max(total - first, 1e-9)}
+        return {"side": side, "batches": results}
+    from .export import export_for_serving
+    from .inference.generate import MindIRRunner, ModelRunner, Sampler, generate
+
+    ms.set_context(mode=ms.GRAPH_MODE)
+    model = build_model(cfg.model, seed=cfg.seed)
+    max_len = prompt_len + new_tokens + 1
+    if side == "mindir":
+        export_for_serving(model, workdir, max_len, batch_sizes=list(batches))
+        runner = MindIRRunner(workdir)
+    else:
+        runner = ModelRunner(model, max_len)
+    for b in batches:
+        generate(runner, prompts[:b], 3, Sampler())
+        first = min(generate(runner, prompts[:b], 1, Sampler())["ttft_s"] for _ in range(3))
+        out = generate(runner, prompts[:b], new_tokens, Sampler())
+        results[b] = {"ttft_s": first, "prefill_tokens_per_s": b * prompt_len / first,
+                      "decode_tokens_per_s": out["decode_tokens_per_s"]}
+    return {"side": side, "batches": results}
+
+
+def _peer_model(cfg: TrainConfig):
+    """transformers' DeepseekV3ForCausalLM with ``cfg.model``'s shape (random weights, eager attention, float32,
+    all cores). Raises SystemExit naming the bench extra when torch or transformers is missing."""
+    try:
+        import torch
+        from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
+    except ImportError as e:
+        raise SystemExit(f"the transformers peer needs torch and transformers ({e}); install them with: "
+                         "pip install -e '.[bench]'")
+    from .convert.hf import config_to_hf
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    torch.manual_seed(cfg.seed)
+    hf = {k: v for k, v in config_to_hf(cfg.model).items() if k not in ("architectures", "model_type", "torch_dtype")}
+    peer_cfg = DeepseekV3Config(**hf)
+    peer_cfg._attn_implementation = "eager"
+    return DeepseekV3ForCausalLM(peer_cfg).float()
+
+
+def bench_serve(config: str = SERVE_RECIPE, rounds: int = 2, batches=(1, 16), prompt_len: int = 16,
+                new_tokens: int = 48, overrides=()) -> dict:
+    """Serving speed of the exported MindIR graphs, the Python path and transformers' generate (Ultra MoE shapes
+    only: the peer is DeepseekV3) on the same shape, each side in a fresh process, sides alternating for
+    ``rounds`` rounds. Prints every run and the medians: time to first token, prefill and decode tokens/s per
+    batch size, MindIR / peer decode ratios and MindIR's batch-16 / batch-1 scaling."""
+    import tempfile
+
+    from .config import load_config
+
+    cfg = load_config(config, list(overrides))
+    sides = ["mindir", "python"] + (["peer"] if cfg.model.type == "pangu_ultra_moe" else [])
+    print(f"serve: {config} {' '.join(overrides)}, prompts of {prompt_len} tokens, {new_tokens} new tokens, "
+          f"batch sizes {list(batches)}, {rounds} rounds, sides alternating in fresh processes"
+          + ("" if "peer" in sides else " (no transformers peer for this model type)"))
+    print(f"{'run':<5}{'side':<8}{'batch':>6}{'TTFT ms':>9}{'prefill tok/s':>15}{'decode tok/s':>14}")
+    runs = []
+    with tempfile.TemporaryDirectory() as work:
+        for r in range(rounds):
+            for side in sides:
+                out = _in_fresh_process("serve_worker", [side, config, list(overrides), list(batches), prompt_len,
+                                                         new_tokens, os.path.join(work, f"export{r}")])
+                runs.append(out)
+                for b, x in out["batches"].items():
+                    print(f"{r + 1:<5}{side:<8}{b:>6}{x['ttft_s'] * 1e3:>9.1f}{x['prefill_tokens_per_s']:>15,.0f}"
+                          f"{x['decode_tokens_per_s']:>14,.1f}", flush=True)
+    med = {side: {str(b): {k: statistics.median(x["batches"][str(b)][k] for x in runs if x["side"] == side)
+                           for k in ("ttft_s", "prefill_tokens_per_s", "decode_tokens_per_s")}
+                  for b in batches} for side in sides}
+    print("medians: " + "; ".join(f"{side} " + ", ".join(
+        f"b{b} decode {med[side][str(b)]['decode_tokens_per_s']:,.1f} tok/s TTFT "
+        f"{med[side][str(b)]['ttft_s'] * 1e3:.1f} ms" for b in batches) for side in sides))
+    lo, hi = str(min(batches)), str(max(batches))
+    summary = {"mindir_batch_scaling": med["mindir"][hi]["decode_tokens_per_s"] / med["mindir"][lo]["decode_tokens_per_s"]}
+    line = f"MindIR batch {hi} / batch {lo} decode: {summary['mindir_batch_scaling']:.1f}x"
+    if "peer" in sides:
+        for b in batches:
+            ratios = [a["batches"][str(b)]["decode_tokens_per_s"] / p["batches"][str(b)]["decode_tokens_per_s"]
+                      for a, p in zip(runs[0::3], runs[2::3])]
+            summary[f"mindir_over_peer_b{b}"] = ratios
+            line += f"; MindIR / peer decode at batch {b}: per round {', '.join(f'{x:.2f}x' for x in ratios)}"
+    print(line)
+    return {"runs": runs, "medians": med, "summary": summary}
 
 
 # ---- preprocessing ------------------------------------------------------------------------------------------------

@@ -390,9 +390,11 @@ def bench_main(argv=None):
     ``ops`` (the C++ MoE kernels against the composite path), ``compare`` (training tokens/s against transformers'
     DeepseekV3ForCausalLM on the same shape, alternating processes, then a depth sweep; needs the bench extra),
     ``preprocess`` (streaming preprocessing of a generated corpus: MiB/s and peak RSS against the one-document
-    baseline), ``convert`` (peak RSS converting a synthetic multi-GB sharded checkpoint both ways)."""
+    baseline), ``convert`` (peak RSS converting a synthetic multi-GB sharded checkpoint both ways), ``serve``
+    (time to first token, prefill and decode tokens/s of the MindIR graphs, the Python path and transformers'
+    generate on the same shape, batch 1 and 16, alternating processes; the peer needs the bench extra)."""
     p = argparse.ArgumentParser(prog="mindpangu-bench", description=bench_main.__doc__)
-    p.add_argument("what", choices=["forward", "train", "ops", "compare", "preprocess", "convert"])
+    p.add_argument("what", choices=["forward", "train", "ops", "compare", "preprocess", "convert", "serve"])
     p.add_argument("--config", help="YAML recipe (forward, train)")
     p.add_argument("overrides", nargs="*", help="key.path=value overrides")
     p.add_argument("--tokens", type=int, nargs="+", default=[1024, 8192, 32768], help="ops: token counts")
@@ -401,7 +403,10 @@ def bench_main(argv=None):
     p.add_argument("--seq", type=int, default=None, help="default: train_dataset.seq_length")
     p.add_argument("--repeats", type=int, default=10)
     p.add_argument("--rounds", type=int, default=None,
-                   help="compare, preprocess: runs of each side, alternating (default 3 and 1)")
+                   help="compare, preprocess, serve: runs of each side, alternating (default 3, 1 and 2)")
+    p.add_argument("--batches", type=int, nargs="+", default=[1, 16], help="serve: decode batch sizes")
+    p.add_argument("--prompt-len", type=int, default=16, help="serve: prompt tokens")
+    p.add_argument("--new-tokens", type=int, default=48, help="serve: generated tokens per sequence")
     p.add_argument("--depths", type=int, nargs="*", default=[4, 16, 48],
                    help="compare: layer counts of the depth sweep (none to skip it)")
     p.add_argument("--size-mb", type=float, default=1024, help="preprocess: MiB of generated JSONL corpus")
@@ -421,6 +426,14 @@ def bench_main(argv=None):
                          args.seq or 1024, rounds=args.rounds or 1)
         return
 
+    if args.what == "serve":
+        from .bench import SERVE_RECIPE, bench_serve
+
+        if min(args.batches) < 1 or args.prompt_len < 1 or args.new_tokens < 2:
+            p.error("serve needs --batches >= 1, --prompt-len >= 1 and --new-tokens >= 2")
+        bench_serve(args.config or SERVE_RECIPE, args.rounds or 2, tuple(args.batches), args.prompt_len,
+                    args.new_tokens, overrides=args.overrides)
+        return
     if args.what == "compare":
         bench_compare(args.config or PEER_RECIPE, args.rounds or 3, args.repeats, tuple(args.depths),
                       overrides=args.overrides)

@@ -88,6 +88,17 @@ def serving_cells(model, max_len: int, batch_sizes: Sequence[int] = (1,)):
     return prefill, {b: DecodeStep(model, b, max_len) for b in batch_sizes}
 
 
+def draft_prefill_cell(model):
+    """The first MTP layer over a prompt (``DraftPrefillStep``) with a dynamic prompt length, batch 1: the
+    reference path with a fixed dispatch block size, same weights."""
+    from ..inference.steps import DraftPrefillStep
+
+    cell = DraftPrefillStep(with_backend(model, "reference", DYNAMIC_BLOCK))
+    cell.set_inputs(ms.Tensor(shape=[1, None, model.config.hidden_size], dtype=ms.float32),
+                    ms.Tensor(shape=[1, None], dtype=ms.int32))
+    return cell
+
+
 def _step_inputs(batch: int, queries: int):
     zeros = np.zeros((batch, queries), np.int32)
     return [ms.Tensor(zeros), ms.Tensor(zeros)]
@@ -103,7 +114,7 @@ def export_for_serving(model, out_dir: str, max_len: int, tokenizer: str = "", s
     Raises ValueError for a ``max_len`` outside [1, max_position_embeddings] or a batch size < 1.
     """
     from ..inference.generate import FORMAT
-    from ..inference.steps import CACHE_PREFIX, MTP_CACHE, DecodeStep, DraftPrefillStep, DraftStep
+    from ..inference.steps import CACHE_PREFIX, MTP_CACHE, DecodeStep, DraftStep
     from ..params import kv_cache_bytes_per_token
 
     cfg = model.config
@@ -141,9 +152,7 @@ def export_for_serving(model, out_dir: str, max_len: int, tokenizer: str = "", s
     if cfg.num_mtp_layers:
         verify = DecodeStep(model, 1, max_len, hidden=True)
         _export(verify, _step_inputs(1, 2), os.path.join(tmp, "verify"))
-        draft_prefill = DraftPrefillStep(with_backend(model, "reference", DYNAMIC_BLOCK))
-        draft_prefill.set_inputs(ms.Tensor(shape=[1, None, cfg.hidden_size], dtype=ms.float32),
-                                 ms.Tensor(shape=[1, None], dtype=ms.int32))
+        draft_prefill = draft_prefill_cell(model)
         _export(draft_prefill, draft_prefill.get_inputs(), os.path.join(tmp, "draft_prefill"))
         draft = DraftStep(model, 1, max_len)
         _export(draft, [ms.Tensor(np.zeros((1, 2, cfg.hidden_size), np.float32)), *_step_inputs(1, 2)],

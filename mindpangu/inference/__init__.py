@@ -1,5 +1,6 @@
-"""Inference: cached prefill / decode steps, weight loading, sampling, generation and MTP speculative decoding."""
-from .steps import DecodeStep, DraftStep, PrefillStep
+"""Inference: prefill / in-place cached decode / MTP draft steps, weight loading, sampling, batched generation and
+MTP speculative decoding."""
+from .steps import DecodeStep, DraftPrefillStep, DraftStep, PrefillStep, load_caches
 from .weights import load_model
 
-__all__ = ["DecodeStep", "DraftStep", "PrefillStep", "load_model"]
+__all__ = ["DecodeStep", "DraftPrefillStep", "DraftStep", "PrefillStep", "load_caches", "load_model"]

@@ -127,14 +127,14 @@ class ModelRunner(Runner):
     def speculative_cells(self):
         """(verify [1, 2] with the residual, its cache Parameters, draft prefill, draft step [1, 2], its cache).
         Raises ValueError for a model without MTP layers."""
-        from .steps import DecodeStep, DraftPrefillStep, DraftStep
+        from ..export.mindir import draft_prefill_cell
+        from .steps import DecodeStep, DraftStep
 
         if not self.model.config.num_mtp_layers:
             raise ValueError("speculative decoding drafts with the MTP module: the model has num_mtp_layers = 0")
-
         verify = DecodeStep(self.model, 1, self.max_len, hidden=True)
         draft = DraftStep(self.model, 1, self.max_len)
-        return verify, list(verify.caches), DraftPrefillStep(self.model), draft, [draft.cache]
+        return verify, list(verify.caches), draft_prefill_cell(self.model), draft, [draft.cache]
 
 
 class MindIRRunner(Runner):
@@ -240,11 +240,11 @@ def generate(runner: Runner, prompts: Union[np.ndarray, Sequence], max_new_token
     sequences stop costing compute. ``tokens`` rows shorter than N are padded with -1 (``lengths`` gives each
     row's count). Greedy tokens equal running each prompt alone (tested).
     """
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     seqs = _prompts(prompts, runner.max_len)
     n = len(seqs)
     budget = [min(max_new_tokens, runner.max_len - len(p) + 1) for p in seqs]
-    if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     ids, lengths = right_pad(seqs)
     start = time.perf_counter()
     logits, _, caches = runner.prefill(ids, lengths)

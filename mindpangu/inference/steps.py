@@ -99,10 +99,10 @@ class DraftStep(nn.Cell):
         return logits
 
 
-def load_caches(params: Sequence[Parameter], caches: np.ndarray, rows: Sequence[int] = ()) -> None:
-    """Fill cache Parameters ([batch, M, D] each) from a prefill's caches ``[len(params), n, S, D]`` (S <= M):
-    sequence j goes to row ``rows[j]`` (default j); every other row and position is zeroed. Raises ValueError
-    for a prompt longer than the cache or more sequences than rows."""
+def load_caches(params: Sequence[Parameter], caches: np.ndarray) -> None:
+    """Fill cache Parameters ([batch, M, D] each) from caches ``[len(params), n, S, D]`` (a prefill's, S <= M, or
+    rows read from another decode graph; ``[n, S, D]`` for a single Parameter): sequence j goes to row j, every
+    other row and position is zeroed. Raises ValueError for more tokens than M or more sequences than rows."""
     caches = np.asarray(caches, np.float32)
     if caches.ndim == 3:  # a single cache (the MTP layer's)
         caches = caches[None]
@@ -112,10 +112,9 @@ def load_caches(params: Sequence[Parameter], caches: np.ndarray, rows: Sequence[
         raise ValueError(f"the prompt batch has {s} tokens; the cache holds at most {max_len}")
     if n > batch:
         raise ValueError(f"{n} sequences do not fit a decode batch of {batch}")
-    rows = list(rows) or list(range(n))
     for param, cache in zip(params, caches):
         full = np.zeros((batch, max_len, width), np.float32)
-        full[rows, :s] = cache
+        full[:n, :s] = cache
         param.set_data(Tensor(full))
 
 

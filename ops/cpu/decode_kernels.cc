@@ -51,8 +51,8 @@ inline void softmax(float *p, int64_t n) {
   for (int64_t j = 0; j < n; ++j) p[j] *= inv;
 }
 
-// A thread start costs tens of microseconds: split only when a chunk has this many multiply-adds.
-constexpr int64_t kMinWork = 1 << 16;
+// Starting a thread costs tens of microseconds: split only into chunks of at least this many multiply-adds.
+constexpr int64_t kMinWork = int64_t{1} << 19;
 
 int64_t min_chunk(int64_t work_per_item) { return std::max<int64_t>(1, kMinWork / std::max<int64_t>(1, work_per_item)); }
 

@@ -273,7 +273,8 @@ extern "C" int MoeRowExperts(int nparam, void **params, int *ndims, int64_t **sh
   const float *down = static_cast<const float *>(params[5]);
   float *y = static_cast<float *>(params[6]);
   const int64_t T = shapes[0][0], H = shapes[0][1], K = shapes[1][1], I = shapes[3][1];
-  const int64_t min_rows = std::max<int64_t>(1, (int64_t{1} << 16) / std::max<int64_t>(1, 3 * K * I * H));
+  // chunks of at least 2^19 multiply-adds: starting a thread costs tens of microseconds
+  const int64_t min_rows = std::max<int64_t>(1, (int64_t{1} << 19) / std::max<int64_t>(1, 3 * K * I * H));
   parallel_for(T, min_rows, [&](int64_t lo, int64_t hi) {
     std::vector<float> act(I);
     for (int64_t t = lo; t < hi; ++t) {
