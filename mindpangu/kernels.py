@@ -24,7 +24,7 @@ from .fsutil import cache_root
 
 _OPS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "ops", "cpu")
 SOURCES = tuple(os.path.join(_OPS, name) for name in ("moe_kernels.cc", "norm_kernels.cc", "decode_kernels.cc"))
-HEADERS = (os.path.join(_OPS, "parallel_for.h"),)
+HEADERS = (os.path.join(_OPS, "parallel_for.h"), os.path.join(_OPS, "dot.h"))
 FLAGS = ["-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-pthread", "-D_GLIBCXX_USE_CXX11_ABI=0"]
 _LIBRARY: dict = {}
 

@@ -59,6 +59,7 @@ def make_unpermute():
 
 
 def make_row_experts():
-    """(x [T,H], weights [T,K], indices [T,K] i32, gate [E,I,H], up [E,I,H], down [E,H,I]) -> y [T,H]: the routed
-    SwiGLU experts row by row, reading expert weights in place (``MoeRowExperts``; cached decode, forward only)."""
+    """(x [T,H], weights [T,K], indices [T,K] i32, gate [E,I,H], up [E,I,H], down [E,H,I] [, shared gate [S,H],
+    up [S,H], down [H,S]]) -> y [T,H]: the routed SwiGLU experts row by row, reading expert weights in place, plus
+    the shared expert when its weights are given (``MoeRowExperts``; cached decode, forward only)."""
     return _custom("MoeRowExperts", lambda x, *rest: x, ms.float32)

@@ -69,14 +69,16 @@ class MoELayer(nn.Cell):
     def decode(self, x):
         """x [B, Q, H] (a decode step's few tokens) -> y [B, Q, H], the same function as :meth:`construct`
         without the router outputs. With the row-experts kernel each (token,
-        expert) pair reads its expert's weights in place instead of being dispatched into padded blocks."""
+        expert) pair reads its expert's weights in place instead of being dispatched into padded blocks, and the shared
+        expert runs in the same kernel."""
         if self.row_experts is None:
             return self.construct(x)[0]
         b, s, h = x.shape
         flat = x.reshape(b * s, h)
         weights, indices, _, _, _ = self.route(flat)
         e = self.experts
-        y = self.row_experts(flat, weights, indices, e.gate_proj, e.up_proj, e.down_proj).reshape(b, s, h)
-        if self.has_shared:
-            y = y + getattr(self, self.shared_name)(x)
-        return y
+        if not self.has_shared:
+            return self.row_experts(flat, weights, indices, e.gate_proj, e.up_proj, e.down_proj).reshape(b, s, h)
+        shared = getattr(self, self.shared_name)  # in the same kernel, as one more expert of weight 1
+        return self.row_experts(flat, weights, indices, e.gate_proj, e.up_proj, e.down_proj, shared.gate_proj.weight,
+                                shared.up_proj.weight, shared.down_proj.weight).reshape(b, s, h)

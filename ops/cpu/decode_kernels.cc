@@ -18,6 +18,7 @@
 #include <cstring>
 #include <vector>
 
+#include "dot.h"
 #include "parallel_for.h"
 
 namespace {
@@ -87,8 +88,7 @@ extern "C" int MlaDecode(int nparam, void **params, int *ndims, int64_t **shapes
   for (int64_t t = 0; t < B * Q; ++t) {
     const float *src = kv + t * D;
     float *dst = entries + t * D;
-    float sq = 0.0f;
-    for (int64_t i = 0; i < r; ++i) sq += src[i] * src[i];
+    const float sq = mindpangu::dot(src, src, r);
     const float rstd = 1.0f / std::sqrt(sq / static_cast<float>(r) + eps);
     for (int64_t i = 0; i < r; ++i) dst[i] = (src[i] * rstd) * norm_w[i];
     const int64_t p = pos[t];
@@ -114,11 +114,7 @@ extern "C" int MlaDecode(int nparam, void **params, int *ndims, int64_t **shapes
       const int64_t keys = std::min<int64_t>(p + 1, M);
       for (int64_t j = 0; j < keys; ++j) {
         const float *kr = key_row(cache, entries, pos, b, j, Q, M, D);
-        float s = 0.0f;
-        for (int64_t c = 0; c < r; ++c) s += q_lat[c] * kr[c];
-        float s_pe = 0.0f;
-        for (int64_t c = 0; c < rope_dim; ++c) s_pe += q_pe[c] * kr[r + c];
-        probs[j] = (s + s_pe) * scale;
+        probs[j] = (mindpangu::dot(q_lat.data(), kr, r) + mindpangu::dot(q_pe.data(), kr + r, rope_dim)) * scale;
       }
       softmax(probs.data(), keys);
       std::fill(o_lat.begin(), o_lat.end(), 0.0f);
@@ -129,12 +125,7 @@ extern "C" int MlaDecode(int nparam, void **params, int *ndims, int64_t **shapes
       }
       const float *w_uv = w_uk + nope * r;  // [v, r] rows of head h
       float *dst = out + ((b * Q + i) * n + h) * v;
-      for (int64_t d = 0; d < v; ++d) {
-        const float *row = w_uv + d * r;
-        float s = 0.0f;
-        for (int64_t c = 0; c < r; ++c) s += o_lat[c] * row[c];
-        dst[d] = s;
-      }
+      for (int64_t d = 0; d < v; ++d) dst[d] = mindpangu::dot(o_lat.data(), w_uv + d * r, r);
     }
   });
   return 0;
@@ -177,10 +168,7 @@ extern "C" int GqaDecode(int nparam, void **params, int *ndims, int64_t **shapes
       rope(q + ((b * Q + i) * n + h) * d, d, cos_t + p * half, sin_t + p * half, interleave, qr.data());
       const int64_t keys = std::min<int64_t>(p + 1, M);
       for (int64_t j = 0; j < keys; ++j) {
-        const float *kr = key_row(cache, entries, pos, b, j, Q, M, D) + g * d;
-        float s = 0.0f;
-        for (int64_t c = 0; c < d; ++c) s += qr[c] * kr[c];
-        probs[j] = s * scale;
+        probs[j] = mindpangu::dot(qr.data(), key_row(cache, entries, pos, b, j, Q, M, D) + g * d, d) * scale;
       }
       softmax(probs.data(), keys);
       float *dst = out + ((b * Q + i) * n + h) * d;

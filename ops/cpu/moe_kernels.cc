@@ -12,6 +12,7 @@
 #include <thread>
 #include <vector>
 
+#include "dot.h"
 #include "parallel_for.h"
 
 namespace {
@@ -257,50 +258,53 @@ extern "C" int MoeUnpermuteGrad(int nparam, void **params, int *ndims, int64_t *
   return 0;
 }
 
+namespace {
+
+// One SwiGLU expert on one row, accumulated: y += scale * down (silu(gate x) * (up x)); act is scratch [I].
+void swiglu_row(const float *x, const float *gate, const float *up, const float *down, int64_t H, int64_t I,
+                float scale, float *act, float *y) {
+  for (int64_t a = 0; a < I; ++a) {
+    const float g = mindpangu::dot(gate + a * H, x, H), u = mindpangu::dot(up + a * H, x, H);
+    act[a] = g / (1.0f + std::exp(-g)) * u;  // silu(gate) * up
+  }
+  for (int64_t c = 0; c < H; ++c) y[c] += scale * mindpangu::dot(down + c * I, act, I);
+}
+
+}  // namespace
+
 // Routed experts for a handful of rows (cached decode; forward only), without a dispatch:
-// y[t] = sum_k w[t,k] * SwiGLU_e(x[t]) with e = indices[t,k], reading each expert's weights in place (no permuted
-// buffer, no gathered copies of expert weights).
-// inputs: x [T, H], weights [T, K], indices [T, K] i32, gate [E, I, H], up [E, I, H], down [E, H, I];
-// output: y [T, H].
+// y[t] = sum_k w[t,k] * SwiGLU_e(x[t]) with e = indices[t,k] (+ the shared expert's SwiGLU(x[t]) when its weights
+// are given), reading each expert's weights in place (no permuted buffer, no gathered copies of expert weights).
+// inputs: x [T, H], weights [T, K], indices [T, K] i32, gate [E, I, H], up [E, I, H], down [E, H, I]
+// [, shared gate [S, H], shared up [S, H], shared down [H, S]]; output: y [T, H].
 extern "C" int MoeRowExperts(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
                              void *stream, void *extra) {
-  if (nparam != 7) return 1;
+  if (nparam != 7 && nparam != 10) return 1;
+  const bool shared = nparam == 10;
   const float *x = static_cast<const float *>(params[0]);
   const float *w = static_cast<const float *>(params[1]);
   const int32_t *idx = static_cast<const int32_t *>(params[2]);
   const float *gate = static_cast<const float *>(params[3]);
   const float *up = static_cast<const float *>(params[4]);
   const float *down = static_cast<const float *>(params[5]);
-  float *y = static_cast<float *>(params[6]);
+  float *y = static_cast<float *>(params[nparam - 1]);
   const int64_t T = shapes[0][0], H = shapes[0][1], K = shapes[1][1], I = shapes[3][1];
+  const int64_t S = shared ? shapes[6][0] : 0;
   // chunks of at least 2^19 multiply-adds: starting a thread costs tens of microseconds
-  const int64_t min_rows = std::max<int64_t>(1, (int64_t{1} << 19) / std::max<int64_t>(1, 3 * K * I * H));
+  const int64_t min_rows = std::max<int64_t>(1, (int64_t{1} << 19) / std::max<int64_t>(1, 3 * (K * I + S) * H));
   parallel_for(T, min_rows, [&](int64_t lo, int64_t hi) {
-    std::vector<float> act(I);
+    std::vector<float> act(std::max(I, S));
     for (int64_t t = lo; t < hi; ++t) {
       const float *xr = x + t * H;
       float *yr = y + t * H;
       std::fill(yr, yr + H, 0.0f);
       for (int64_t j = 0; j < K; ++j) {
         const int64_t e = idx[t * K + j];
-        const float *g = gate + e * I * H, *u = up + e * I * H, *dn = down + e * H * I;
-        for (int64_t a = 0; a < I; ++a) {
-          float sg = 0.0f, su = 0.0f;
-          const float *gr = g + a * H, *ur = u + a * H;
-          for (int64_t c = 0; c < H; ++c) {
-            sg += gr[c] * xr[c];
-            su += ur[c] * xr[c];
-          }
-          act[a] = sg / (1.0f + std::exp(-sg)) * su;  // silu(gate) * up
-        }
-        const float wk = w[t * K + j];
-        for (int64_t c = 0; c < H; ++c) {
-          const float *dr = dn + c * I;
-          float s = 0.0f;
-          for (int64_t a = 0; a < I; ++a) s += dr[a] * act[a];
-          yr[c] += wk * s;
-        }
+        swiglu_row(xr, gate + e * I * H, up + e * I * H, down + e * H * I, H, I, w[t * K + j], act.data(), yr);
       }
+      if (shared)
+        swiglu_row(xr, static_cast<const float *>(params[6]), static_cast<const float *>(params[7]),
+                   static_cast<const float *>(params[8]), H, S, 1.0f, act.data(), yr);
     }
   });
   return 0;
