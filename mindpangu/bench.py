@@ -364,6 +364,8 @@ def serve_worker(side: str, config: str, overrides, batches, prompt_len: int, ne
     from .inference.generate import MindIRRunner, ModelRunner, Sampler, generate
 
     ms.set_context(mode=ms.GRAPH_MODE)
+    if cfg.context.runtime_num_threads:
+        ms.set_context(runtime_num_threads=cfg.context.runtime_num_threads)
     model = build_model(cfg.model, seed=cfg.seed)
     max_len = prompt_len + new_tokens + 1
     if side == "mindir":

@@ -52,8 +52,9 @@ inline void softmax(float *p, int64_t n) {
   for (int64_t j = 0; j < n; ++j) p[j] *= inv;
 }
 
-// Starting a thread costs tens of microseconds: split only into chunks of at least this many multiply-adds.
-constexpr int64_t kMinWork = int64_t{1} << 19;
+// Starting a thread costs tens of microseconds: split only into chunks of at least this many multiply-adds
+// (about 0.2 ms).
+constexpr int64_t kMinWork = int64_t{1} << 21;
 
 int64_t min_chunk(int64_t work_per_item) { return std::max<int64_t>(1, kMinWork / std::max<int64_t>(1, work_per_item)); }
 
@@ -125,7 +126,7 @@ extern "C" int MlaDecode(int nparam, void **params, int *ndims, int64_t **shapes
       }
       const float *w_uv = w_uk + nope * r;  // [v, r] rows of head h
       float *dst = out + ((b * Q + i) * n + h) * v;
-      for (int64_t d = 0; d < v; ++d) dst[d] = mindpangu::dot(o_lat.data(), w_uv + d * r, r);
+      mindpangu::matvec(w_uv, r, v, o_lat.data(), r, dst);
     }
   });
   return 0;
