@@ -374,6 +374,7 @@ def serve_worker(side: str, config: str, overrides, batches, prompt_len: int, ne
     else:
         runner = ModelRunner(model, max_len)
     for b in batches:
+        runner.warmup(b)
         generate(runner, prompts[:b], 3, Sampler())
         first = min(generate(runner, prompts[:b], 1, Sampler())["ttft_s"] for _ in range(3))
         out = generate(runner, prompts[:b], new_tokens, Sampler())

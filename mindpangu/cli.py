@@ -189,7 +189,7 @@ def _load_weights(args):
 def export_main(argv=None):
     """Export a model to MindIR for serving: prefill.mindir (dynamic batch and prompt lengths -> each prompt's
     last logits and the attention caches), decode_b<B>.mindir per batch size (one token per sequence -> logits,
-    the caches held inside and updated in place), the MTP speculative graphs (verify, draft_prefill, draft) when
+    the caches held inside and updated in place), the MTP speculative graphs (draft_prefill, speculative) when
     the model has MTP layers, manifest.json, and the recipe's tokenizer."""
     p = argparse.ArgumentParser(prog="mindpangu-export", description=export_main.__doc__)
     p.add_argument("--config", default="",
@@ -265,7 +265,7 @@ def generate_main(argv=None):
 
         ms.set_context(mode=ms.GRAPH_MODE)
         runner = MindIRRunner(args.mindir)
-        if args.speculative and "verify" not in runner.graphs:
+        if args.speculative and "speculative" not in runner.graphs:
             p.error(f"--speculative needs the MTP graphs, and {args.mindir} has none (num_mtp_layers = 0)")
         if not tok_path and runner.manifest.get("tokenizer"):
             tok_path = os.path.join(args.mindir, runner.manifest["tokenizer"])
@@ -279,7 +279,8 @@ def generate_main(argv=None):
     speculative = SpeculativeDecoder(runner) if args.speculative else None
     tok = load_tokenizer(tok_path or "byte")
     prompts = [np.array(tok.encode(text), np.int32) for text in args.prompt]
-    generate(runner, prompts, 3, Sampler())  # compiles the graphs, so the timings below do not include it
+    runner.warmup(len(prompts))  # compiles the graphs, so the timings below do not include it
+    generate(runner, prompts, 2, Sampler())  # and the prefill's first run at these prompt shapes
     if speculative:
         speculative(prompts[0][None], 3)
     out = generate(runner, prompts, args.max_new_tokens, sampler, tok.eos_id)

@@ -196,7 +196,7 @@ def test_speculative_equals_plain_greedy(monkeypatch, wrong_every):
 def test_speculative_with_the_real_mtp_layer_equals_plain_greedy(exported):
     model, out, manifest = exported
     if not model.config.num_mtp_layers:
-        assert "verify" not in manifest["graphs"]
+        assert "speculative" not in manifest["graphs"]
         with pytest.raises(ValueError, match="no speculative graphs"):
             SpeculativeDecoder(MindIRRunner(out))
         return

@@ -109,12 +109,12 @@ def export_for_serving(model, out_dir: str, max_len: int, tokenizer: str = "", s
     """Write the serving graphs and ``manifest.json`` (plus the tokenizer, if given) to ``out_dir``, atomically
     (built aside, then swapped in): ``prefill.mindir`` (dynamic batch and prompt length), one
     ``decode_b<B>.mindir`` per batch size in ``batch_sizes`` (caches of length ``max_len`` inside, updated in
-    place), and for a model with MTP layers ``verify.mindir``, ``draft_prefill.mindir`` and ``draft.mindir``
-    (speculative decoding, batch 1). Each file holds its own copy of the weights. -> the manifest.
+    place), and for a model with MTP layers ``draft_prefill.mindir`` and ``speculative.mindir`` (verify + draft
+    in one graph, batch 1). Each file holds its own copy of the weights. -> the manifest.
     Raises ValueError for a ``max_len`` outside [1, max_position_embeddings] or a batch size < 1.
     """
     from ..inference.generate import FORMAT
-    from ..inference.steps import CACHE_PREFIX, MTP_CACHE, DecodeStep, DraftStep
+    from ..inference.steps import CACHE_PREFIX, MTP_CACHE, SpeculativeStep
     from ..params import kv_cache_bytes_per_token
 
     cfg = model.config
@@ -150,23 +150,18 @@ def export_for_serving(model, out_dir: str, max_len: int, tokenizer: str = "", s
         graphs[name] = {"file": f"{name}.mindir", "batch": b, "inputs": [ids, positions], "outputs": [logits],
                         "caches": caches}
     if cfg.num_mtp_layers:
-        verify = DecodeStep(model, 1, max_len, hidden=True)
-        _export(verify, _step_inputs(1, 2), os.path.join(tmp, "verify"))
-        draft_prefill = draft_prefill_cell(model)
-        _export(draft_prefill, draft_prefill.get_inputs(), os.path.join(tmp, "draft_prefill"))
-        draft = DraftStep(model, 1, max_len)
-        _export(draft, [ms.Tensor(np.zeros((1, 2, cfg.hidden_size), np.float32)), *_step_inputs(1, 2)],
-                os.path.join(tmp, "draft"))
-        hidden = _spec("hidden", [1, 2, cfg.hidden_size], "float32", "main residual at the two positions")
-        graphs["verify"] = {"file": "verify.mindir", "batch": 1, "inputs": [ids, positions],
-                            "outputs": [logits, hidden], "caches": caches,
-                            "doc": "speculative verify: [newest token, draft] at [p, p + 1]"}
+        _export(draft_prefill_cell(model), draft_prefill_cell(model).get_inputs(), os.path.join(tmp, "draft_prefill"))
+        _export(SpeculativeStep(model, max_len), _step_inputs(1, 2), os.path.join(tmp, "speculative"))
         graphs["draft_prefill"] = {"file": "draft_prefill.mindir", "doc": "first MTP layer over the prompt: "
                                    "(hidden [1, S, H], next tokens [1, S]) -> (logits [1, S, V], cache entries "
-                                   "[1, S, D])"}
-        graphs["draft"] = {"file": "draft.mindir", "batch": 1, "caches": {"parameters": [MTP_CACHE]},
-                           "doc": "first MTP layer at 2 positions: (hidden [1, 2, H], next tokens [1, 2], "
-                                  "positions [1, 2]) -> logits [1, 2, V] of the token after next"}
+                                   "[1, S, D]); copy the entries into the speculative graph's mtp_cache"}
+        graphs["speculative"] = {
+            "file": "speculative.mindir", "batch": 1,
+            "inputs": [_spec("input_ids", [1, 2], "int32", "[newest token, draft]"),
+                       _spec("positions", [1, 2], "int32", "[p, p + 1]")],
+            "outputs": [_spec("tokens", [3], "int32", "greedy token after the newest, after the draft, next draft")],
+            "caches": {"parameters": caches["parameters"] + [MTP_CACHE], "shape": ["1", "max_len", "D"],
+                       "doc": "main-model caches, then the MTP layer's; fill from prefill and draft_prefill"}}
     cache_kind = "mla_latent" if cfg.type == "pangu_ultra_moe" else "gqa_kv"
     bytes_per = kv_cache_bytes_per_token(cfg, 4)
     backend = resolve_backend(cfg.moe.dispatch_backend)

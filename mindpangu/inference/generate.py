@@ -83,6 +83,15 @@ class Runner(abc.ABC):
         """ids / positions [batch, 1] int32 -> logits [batch, 1, V] np.float32 from the batch-``batch`` graph."""
         return self.decode_cell(batch)(ms.Tensor(ids, ms.int32), ms.Tensor(positions, ms.int32)).asnumpy()
 
+    def warmup(self, n: int) -> None:
+        """Compile (or load) every graph that generating for up to n sequences can use, so that timings after it
+        exclude compiles: prefill, and each decode batch size up to the one that holds n (one step at position
+        0; :func:`generate` refills the caches before it decodes)."""
+        self.prefill(np.zeros((1, 1), np.int32), np.ones(1, np.int32))
+        for b in self.batch_sizes(n):
+            if b <= self.bucket(n):
+                self.decode(b, np.zeros((b, 1), np.int32), np.zeros((b, 1), np.int32))
+
     @abc.abstractmethod
     def cache_params(self, batch: int) -> List:
         """The batch-``batch`` decode graph's cache Parameters, one per layer."""
@@ -97,8 +106,8 @@ class Runner(abc.ABC):
 
     @abc.abstractmethod
     def speculative_cells(self):
-        """(verify [1, 2] -> (logits, residual), its cache Parameters, draft prefill, draft step [1, 2], its
-        cache Parameters)."""
+        """(``SpeculativeStep`` graph, its main-model cache Parameters, the draft prefill graph, its MTP cache
+        Parameter in a list)."""
 
 
 class ModelRunner(Runner):
@@ -114,7 +123,7 @@ class ModelRunner(Runner):
         self.prefill_cell = serving_cells(model, max_len, batch_sizes=())[0]
 
     def batch_sizes(self, n: int) -> List[int]:
-        return [1 << int(np.ceil(np.log2(max(1, n))))]
+        return [1 << i for i in range(int(np.ceil(np.log2(max(1, n)))) + 1)]
 
     def _decode_cell(self, batch: int):
         from .steps import DecodeStep
@@ -125,16 +134,15 @@ class ModelRunner(Runner):
         return list(self.decode_cell(batch).caches)
 
     def speculative_cells(self):
-        """(verify [1, 2] with the residual, its cache Parameters, draft prefill, draft step [1, 2], its cache).
+        """(the speculative step, its main-model cache Parameters, draft prefill, the MTP cache Parameter).
         Raises ValueError for a model without MTP layers."""
         from ..export.mindir import draft_prefill_cell
-        from .steps import DecodeStep, DraftStep
+        from . import steps
 
         if not self.model.config.num_mtp_layers:
             raise ValueError("speculative decoding drafts with the MTP module: the model has num_mtp_layers = 0")
-        verify = DecodeStep(self.model, 1, self.max_len, hidden=True)
-        draft = DraftStep(self.model, 1, self.max_len)
-        return verify, list(verify.caches), draft_prefill_cell(self.model), draft, [draft.cache]
+        step = steps.SpeculativeStep(self.model, self.max_len, steps.DraftStep(self.model, 1, self.max_len))
+        return step, list(step.verify.caches), draft_prefill_cell(self.model), [step.draft.cache]
 
 
 class MindIRRunner(Runner):
@@ -172,13 +180,13 @@ class MindIRRunner(Runner):
         return _named_caches(self.decode_cell(batch), self.manifest["cache"]["layers"])
 
     def speculative_cells(self):
-        if "verify" not in self.graphs:
+        if "speculative" not in self.graphs:
             raise ValueError(f"'{self.directory}' has no speculative graphs: the model has no MTP layer")
         from .steps import MTP_CACHE
 
-        verify, draft = self._graph("verify"), self._graph("draft")
-        return (verify, _named_caches(verify, self.manifest["cache"]["layers"]), self._graph("draft_prefill"),
-                draft, [_param(draft, MTP_CACHE)])
+        step = self._graph("speculative")
+        return (step, _named_caches(step, self.manifest["cache"]["layers"]), self._graph("draft_prefill"),
+                [_param(step, MTP_CACHE)])
 
 
 FORMAT = "mindpangu-mindir/2"
@@ -293,16 +301,17 @@ class SpeculativeDecoder:
     """Greedy decoding where the first MTP layer drafts one token and the main model verifies it, from a
     :class:`ModelRunner` or a :class:`MindIRRunner` (whose export holds the verify and draft graphs).
 
-    Each step feeds the main model [last token, draft] at once: the draft is accepted when it equals the main
-    model's greedy choice, and then the main model's prediction after it comes for free (2 tokens per step),
-    otherwise the main model's own token is kept (1 token). The output is plain greedy's, token for token. The
-    draft for position p uses the main residual at p and the token at p + 1, as in MTP training. The graphs are
-    built once, so in GRAPH mode they compile on the first call only.
+    Each step (one ``SpeculativeStep`` graph call) feeds the main model [last token, draft] at once: the draft is
+    accepted when it equals the main model's greedy choice, and then the main model's prediction after it comes
+    for free (2 tokens per step), otherwise the main model's own token is kept (1 token); the same graph drafts
+    the next token. The output is plain greedy's, token for token. The draft for position p uses the main
+    residual at p and the token at p + 1, as in MTP training. The graphs are built once, so in GRAPH mode they
+    compile on the first call only.
     """
 
     def __init__(self, runner: Runner):
         self.runner, self.max_len = runner, runner.max_len
-        self.verify, self.verify_caches, self.draft_prefill, self.draft, self.draft_cache = runner.speculative_cells()
+        self.step, self.main_caches, self.draft_prefill, self.draft_cache = runner.speculative_cells()
 
     def __call__(self, prompt: np.ndarray, max_new_tokens: int) -> Dict:
         """prompt [1, S] -> {tokens [1, N], drafts, accepted, acceptance_rate, mean_accepted_length, steps, ...}."""
@@ -314,17 +323,13 @@ class SpeculativeDecoder:
         s, max_len = prompt.shape[1], self.max_len
         if s + max_new_tokens + 1 > max_len:
             raise ValueError(f"prompt ({s}) + new tokens ({max_new_tokens}) + 1 exceed the cache length {max_len}")
-
-        def pos(*p):
-            return ms.Tensor(np.array([p], np.int32))
-
         start = time.perf_counter()
         logits, h, caches = self.runner.prefill(prompt, np.array([s], np.int32))
-        load_caches(self.verify_caches, caches)
+        load_caches(self.main_caches, caches)
         out: List[int] = [int(logits.argmax(-1)[0])]
         ttft = time.perf_counter() - start
         # MTP cache over positions 0..s-1: (main residual at p, token at p + 1)
-        next_ids = np.concatenate([prompt[:, 1:], [[out[0]]]], 1)
+        next_ids = np.concatenate([prompt[:, 1:], [[out[0]]]], 1).astype(np.int32)
         d_logits, d_cache = self.draft_prefill(h, ms.Tensor(next_ids))
         load_caches(self.draft_cache, d_cache.asnumpy())
         guess = int(d_logits.asnumpy()[0, -1].argmax())
@@ -333,19 +338,16 @@ class SpeculativeDecoder:
         t0 = time.perf_counter()
         while len(out) < max_new_tokens:
             steps += 1
-            logits, h = self.verify(ms.Tensor([[out[-1], guess]], ms.int32), pos(p, p + 1))
-            best = logits.asnumpy()[0].argmax(-1)
-            # the MTP layer always runs on both positions (one compiled shape): after a rejection its entry at
-            # p + 1 is a placeholder that no query sees (positions mask it) and the next step overwrites
-            if int(best[0]) == guess:
+            after_t, after_d, next_guess = (int(v) for v in self.step(
+                ms.Tensor([[out[-1], guess]], ms.int32), ms.Tensor([[p, p + 1]], ms.int32)).asnumpy())
+            if after_t == guess:  # the draft was right: the token after it comes for free
                 accepted += 1
-                out += [guess, int(best[1])]
-                d_logits = self.draft(h, ms.Tensor([[guess, out[-1]]], ms.int32), pos(p, p + 1))
-                guess, p = int(d_logits.asnumpy()[0, 1].argmax()), p + 2
+                out += [guess, after_d]
+                p += 2
             else:
-                out.append(int(best[0]))
-                d_logits = self.draft(h, ms.Tensor([[out[-1], out[-1]]], ms.int32), pos(p, p + 1))
-                guess, p = int(d_logits.asnumpy()[0, 0].argmax()), p + 1
+                out.append(after_t)
+                p += 1
+            guess = next_guess
         decode_s = time.perf_counter() - t0
         tokens = np.array([out[:max_new_tokens]], np.int32)
         return {"tokens": tokens, "ttft_s": ttft, "decode_s": decode_s, "steps": steps, "drafts": steps,

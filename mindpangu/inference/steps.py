@@ -10,7 +10,7 @@ Python path and the exported files run the same graphs.
   cache crosses the graph boundary per token. Batch B and cache length M are static (what Ascend graph mode and
   the C++ decode kernels need). :func:`load_caches` fills the Parameters from a prefill.
 - :class:`DraftPrefillStep` / :class:`DraftStep`: the first MTP layer over a prompt, then Q positions at a time
-  with its own cache Parameter (``mtp_cache``), for speculative decoding.
+  with its own cache Parameter (``mtp_cache``); :class:`SpeculativeStep` verifies and drafts in one graph.
 
 Padding rows of a prompt batch (after a prompt's last token) produce cache entries that no query sees: decode
 writes position p before any query attends to it, and a query at p sees keys 0..p only.
@@ -97,6 +97,34 @@ class DraftStep(nn.Cell):
     def construct(self, h, next_ids, positions):
         logits, _ = self.model.draft(h, next_ids, positions, self.cache)
         return logits
+
+
+class SpeculativeStep(nn.Cell):
+    """One greedy MTP speculative step in one graph: (ids [1, 2] = [newest token t, draft d], positions [1, 2] =
+    [p, p + 1]) -> int32 [3]: the main model's greedy tokens after t and after d, and the next draft.
+
+    The main model verifies t and d together (its caches, ``decode_cache.<layer>``, written at p and p + 1); d is
+    accepted when it equals the greedy token after t. The first MTP layer (``draft``, a :class:`DraftStep`) then
+    drafts at p and p + 1 from the main residual and the tokens that follow: [d, token after d] if accepted, else
+    [token after t, the same] (its entry at p + 1 is then a placeholder the next step overwrites), and the next
+    draft is its greedy token at p + 1 or p. One graph call per step, the same number as plain decoding.
+    """
+
+    def __init__(self, model, max_len: int, draft=None):
+        super().__init__(auto_prefix=False)
+        self.verify = DecodeStep(model, 1, max_len, hidden=True)
+        self.draft = DraftStep(model, 1, max_len) if draft is None else draft
+        self.argmax = ops.Argmax(-1, ms.int32)
+
+    def construct(self, input_ids, positions):
+        logits, h = self.verify(input_ids, positions)
+        best = self.argmax(logits)  # [1, 2]
+        accepted = ops.equal(best[:, :1], input_ids[:, 1:])  # [1, 1]
+        follow = ops.select(ops.tile(accepted, (1, 2)), ops.concat((input_ids[:, 1:], best[:, 1:]), 1),
+                            ops.tile(best[:, :1], (1, 2)))
+        drafted = self.argmax(self.draft(h, follow, positions))  # [1, 2]
+        guess = ops.select(accepted, drafted[:, 1:], drafted[:, :1])
+        return ops.concat((best, guess), 1).reshape(3)
 
 
 def load_caches(params: Sequence[Parameter], caches: np.ndarray) -> None:
