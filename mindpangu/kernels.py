@@ -126,7 +126,7 @@ def eps_tensor(eps: float) -> Tensor:
 def make_mla_decode(out_width: int):
     """MLA cached decode in one kernel (``ops/cpu/decode_kernels.cc`` MlaDecode, forward only; ``out_width`` =
     heads * v_head_dim): (q [B,Q,n*(nope+rope)], kv [B,Q,r+rope], kv_norm_weight [r], kv_b_weight [n*(nope+v), r],
-    cos [P, rope/2], sin [P, rope/2], positions [B,Q] i32, cache [B,M,r+rope], config [4] {n, nope, eps, scale},
+    cos [P, rope/2], sin [P, rope/2], positions [B,Q] i32, cache [B*M,r+rope], config [4] {n, nope, eps, scale},
     interleave [1]) -> (out [B, Q, n*v], entries [B, Q, r+rope])."""
     return custom_op("MlaDecode", lambda q, kv, *rest: ((q[0], q[1], out_width), kv), (ms.float32, ms.float32),
                      out_width=out_width)
@@ -134,6 +134,6 @@ def make_mla_decode(out_width: int):
 
 def make_gqa_decode():
     """GQA cached decode in one kernel (``ops/cpu/decode_kernels.cc`` GqaDecode, forward only): (q [B,Q,n*d],
-    k [B,Q,kv*d], v [B,Q,kv*d], cos [P, d/2], sin [P, d/2], positions [B,Q] i32, cache [B,M,2*kv*d],
+    k [B,Q,kv*d], v [B,Q,kv*d], cos [P, d/2], sin [P, d/2], positions [B,Q] i32, cache [B*M,2*kv*d],
     config [2] {n, scale}, interleave [1]) -> (out [B, Q, n*d], entries [B, Q, 2*kv*d])."""
     return custom_op("GqaDecode", lambda q, k, v, *rest: (q, (k[0], k[1], 2 * k[2])), (ms.float32, ms.float32))

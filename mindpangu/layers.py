@@ -147,18 +147,21 @@ def positions_mask(positions, cache_len: int):
     return ops.cast(keys > positions.expand_dims(-1), ms.float32) * -1e9
 
 
-def cache_index(positions):
-    """positions [B, Q] int32 -> indices [B*Q, 2] int32 of (sequence, position), for :func:`cache_update`."""
+def cache_index(positions, cache):
+    """positions [B, Q] int32 and a cache [B * M, D] -> its rows [B*Q] int32 (b * M + position), for
+    :func:`cache_update`."""
     b, q = positions.shape
-    sequence = ops.tile(ops.arange(0, b).astype(ms.int32).reshape(b, 1), (1, q))
-    return ops.stack((sequence, positions), -1).reshape(b * q, 2)
+    m = cache.shape[0] // b
+    return (ops.arange(0, b).astype(ms.int32).reshape(b, 1) * m + positions).reshape(b * q)
 
 
 def cache_update(cache, entries, index):
-    """Write ``entries [B, Q, D]`` into ``cache`` (a Parameter [B, M, D]) in place at ``index`` (:func:`cache_index`)
-    with one ScatterNdUpdate: the step copies Q rows per sequence, not the cache, and a rejected speculative
-    token is simply overwritten by the next write. -> the updated cache (read it from here, after the write)."""
-    return ops.scatter_nd_update(cache, index, entries.reshape(-1, entries.shape[-1]).astype(ms.float32))
+    """Write ``entries [B, Q, D]`` into ``cache`` (a Parameter [B * M, D]: sequence b's position p is row
+    b * M + p) in place at the rows ``index`` (:func:`cache_index`), with one ScatterUpdate: the step writes Q rows
+    per sequence and copies nothing else (MindSpore's CPU ScatterNdUpdate copies the whole Parameter, so the
+    cache is kept 2-D), and a rejected speculative token is simply overwritten by the next write. -> the updated
+    cache (read it from here, after the write)."""
+    return ops.scatter_update(cache, index, entries.reshape(-1, entries.shape[-1]).astype(ms.float32))
 
 
 def attention_probs(scores, mask):

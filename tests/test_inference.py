@@ -70,7 +70,7 @@ def test_in_place_cached_decode_equals_full_recomputation_for_16_steps(exported,
     runners = [ModelRunner(twin, MAX_LEN)] + ([MindIRRunner(out)] if backend == "cpu_kernel" else [])
     for runner in runners:
         _, _, caches = runner.prefill(ids[:, :5], np.array([5, 5], np.int32))
-        load_caches(runner.cache_params(2), caches)
+        load_caches(runner.cache_params(2), caches, 2)
         for p in range(5, 21):
             logits = runner.decode(2, ids[:, p:p + 1], np.full((2, 1), p, np.int32))
             np.testing.assert_allclose(logits[:, 0], full[:, p], atol=1e-4, err_msg=f"{backend}, position {p}")
@@ -134,7 +134,7 @@ def test_mtp_draft_with_cache_equals_the_training_mtp_forward():
     np.testing.assert_allclose(logits.asnumpy(), expected, atol=1e-4)
     # the in-place draft step over positions 7, 8 after a draft prefill of 0..6
     draft = steps.DraftStep(model, 2, MAX_LEN)
-    load_caches([draft.cache], entries.asnumpy()[:, :7])
+    load_caches([draft.cache], entries.asnumpy()[:, :7], 2)
     positions = ms.Tensor(np.tile(np.array([7, 8], np.int32), (2, 1)))
     step = draft(h[:, 7:9], ms.Tensor(ids[:, 8:10]), positions)
     np.testing.assert_allclose(step.asnumpy(), expected[:, 7:9], atol=1e-4)
@@ -166,7 +166,7 @@ def _oracle_drafters(sequence, wrong_every):
         def __init__(self, model, batch, max_len):
             self.vocab = model.config.vocab_size
             width = model.model.mtp_layers[0].self_attn.cache_width
-            self.cache = ms.Parameter(ms.Tensor(np.zeros((batch, max_len, width), np.float32)), name="oracle_cache")
+            self.cache = ms.Parameter(ms.Tensor(np.zeros((batch * max_len, width), np.float32)), name="oracle_cache")
 
         def __call__(self, h, next_ids, positions):
             return logits_at(positions.asnumpy()[0], self.vocab)

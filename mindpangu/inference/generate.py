@@ -234,7 +234,7 @@ def _move(runner: Runner, src: int, dst: int, rows: Sequence[int]) -> None:
     """Copy the cache rows ``rows`` of the batch-``src`` graph into rows 0.. of the batch-``dst`` graph."""
     from .steps import load_caches, read_caches
 
-    load_caches(runner.cache_params(dst), np.stack(read_caches(runner.cache_params(src), rows)))
+    load_caches(runner.cache_params(dst), np.stack(read_caches(runner.cache_params(src), src, rows)), dst)
 
 
 def generate(runner: Runner, prompts: Union[np.ndarray, Sequence], max_new_tokens: int, sampler: Sampler,
@@ -270,7 +270,7 @@ def generate(runner: Runner, prompts: Union[np.ndarray, Sequence], max_new_token
         from .steps import load_caches
 
         batch = runner.bucket(len(live))
-        load_caches(runner.cache_params(batch), caches[:, live])
+        load_caches(runner.cache_params(batch), caches[:, live], batch)
     row = {b: j for j, b in enumerate(live)}
     while live:
         smaller = runner.bucket(len(live))
@@ -325,13 +325,13 @@ class SpeculativeDecoder:
             raise ValueError(f"prompt ({s}) + new tokens ({max_new_tokens}) + 1 exceed the cache length {max_len}")
         start = time.perf_counter()
         logits, h, caches = self.runner.prefill(prompt, np.array([s], np.int32))
-        load_caches(self.main_caches, caches)
+        load_caches(self.main_caches, caches, 1)
         out: List[int] = [int(logits.argmax(-1)[0])]
         ttft = time.perf_counter() - start
         # MTP cache over positions 0..s-1: (main residual at p, token at p + 1)
         next_ids = np.concatenate([prompt[:, 1:], [[out[0]]]], 1).astype(np.int32)
         d_logits, d_cache = self.draft_prefill(h, ms.Tensor(next_ids))
-        load_caches(self.draft_cache, d_cache.asnumpy())
+        load_caches(self.draft_cache, d_cache.asnumpy(), 1)
         guess = int(d_logits.asnumpy()[0, -1].argmax())
         p = s  # position of out[-1], the newest token, not yet in the main cache
         accepted = steps = 0

@@ -5,9 +5,9 @@ Python path and the exported files run the same graphs.
   stream, and the attention caches of the prompt, stacked ``[L, B, S, D]`` (D = kv_lora_rank + qk_rope_head_dim
   for MLA: the compressed latent and the shared rope key; 2 * kv_heads * head_dim for GQA: roped K, then V).
 - :class:`DecodeStep`: Q new tokens per sequence at their positions -> logits. The caches live in the cell as one
-  Parameter ``[B, M, D]`` per layer (``decode_cache.<layer>``) and each step writes its Q entries in place
-  (ScatterNdUpdate, as mindformers' incremental inference keeps its KV cache in Parameters): nothing of the
-  cache crosses the graph boundary per token. Batch B and cache length M are static (what Ascend graph mode and
+  Parameter ``[B * M, D]`` per layer (``decode_cache.<layer>``; row b * M + p is sequence b's position p) and
+  each step writes its Q entries in place (ScatterUpdate, as mindformers' incremental inference keeps its KV
+  cache in Parameters): nothing of the cache crosses the graph boundary or is copied per token. Batch B and cache length M are static (what Ascend graph mode and
   the C++ decode kernels need). :func:`load_caches` fills the Parameters from a prefill.
 - :class:`DraftPrefillStep` / :class:`DraftStep`: the first MTP layer over a prompt, then Q positions at a time
   with its own cache Parameter (``mtp_cache``); :class:`SpeculativeStep` verifies and drafts in one graph.
@@ -55,14 +55,14 @@ def _zeros(shape) -> Tensor:
 class DecodeStep(nn.Cell):
     """input_ids [B, Q] int32 at positions [B, Q] int32 -> logits [B, Q, V] (+ the residual stream [B, Q, H]
     with ``hidden=True``, which MTP drafting reads), the caches (``decode_cache.<layer>`` Parameters
-    [batch, max_len, D]) updated in place. A position must be < max_len."""
+    [batch * max_len, D]) updated in place. A position must be < max_len."""
 
     def __init__(self, model, batch: int, max_len: int, hidden: bool = False):
         super().__init__(auto_prefix=False)  # wrapping must not rename the model's parameters
         cfg = model.config
         self.model, self.hidden, self.batch, self.max_len = model, hidden, batch, max_len
         width = model.model.layers[0].self_attn.cache_width
-        self.caches = ParameterTuple(Parameter(_zeros((batch, max_len, width)), name=f"{CACHE_PREFIX}{i}",
+        self.caches = ParameterTuple(Parameter(_zeros((batch * max_len, width)), name=f"{CACHE_PREFIX}{i}",
                                                requires_grad=False) for i in range(cfg.num_layers))
 
     def construct(self, input_ids, positions):
@@ -86,13 +86,13 @@ class DraftPrefillStep(nn.Cell):
 
 class DraftStep(nn.Cell):
     """The first MTP layer at Q positions: (main residual h [B, Q, H], next tokens [B, Q], positions [B, Q]) ->
-    logits [B, Q, V] for the token after next, its cache (``mtp_cache`` [batch, max_len, D]) updated in place."""
+    logits [B, Q, V] for the token after next, its cache (``mtp_cache`` [batch * max_len, D]) updated in place."""
 
     def __init__(self, model, batch: int, max_len: int):
         super().__init__(auto_prefix=False)
         self.model = model
         width = model.model.mtp_layers[0].self_attn.cache_width
-        self.cache = Parameter(_zeros((batch, max_len, width)), name=MTP_CACHE, requires_grad=False)
+        self.cache = Parameter(_zeros((batch * max_len, width)), name=MTP_CACHE, requires_grad=False)
 
     def construct(self, h, next_ids, positions):
         logits, _ = self.model.draft(h, next_ids, positions, self.cache)
@@ -127,14 +127,16 @@ class SpeculativeStep(nn.Cell):
         return ops.concat((best, guess), 1).reshape(3)
 
 
-def load_caches(params: Sequence[Parameter], caches: np.ndarray) -> None:
-    """Fill cache Parameters ([batch, M, D] each) from caches ``[len(params), n, S, D]`` (a prefill's, S <= M, or
-    rows read from another decode graph; ``[n, S, D]`` for a single Parameter): sequence j goes to row j, every
-    other row and position is zeroed. Raises ValueError for more tokens than M or more sequences than rows."""
+def load_caches(params: Sequence[Parameter], caches: np.ndarray, batch: int) -> None:
+    """Fill cache Parameters ([batch * M, D] each) from caches ``[len(params), n, S, D]`` (a prefill's, S <= M,
+    or rows read from another decode graph; ``[n, S, D]`` for a single Parameter): sequence j goes to row j,
+    every other row and position is zeroed. Raises ValueError for more tokens than M or more sequences than
+    ``batch``."""
     caches = np.asarray(caches, np.float32)
     if caches.ndim == 3:  # a single cache (the MTP layer's)
         caches = caches[None]
-    batch, max_len, width = params[0].shape
+    rows, width = params[0].shape
+    max_len = rows // batch
     n, s = caches.shape[1], caches.shape[2]
     if s > max_len:
         raise ValueError(f"the prompt batch has {s} tokens; the cache holds at most {max_len}")
@@ -143,10 +145,14 @@ def load_caches(params: Sequence[Parameter], caches: np.ndarray) -> None:
     for param, cache in zip(params, caches):
         full = np.zeros((batch, max_len, width), np.float32)
         full[:n, :s] = cache
-        param.set_data(Tensor(full))
+        param.set_data(Tensor(full.reshape(rows, width)))
 
 
-def read_caches(params: Sequence[Parameter], rows: Sequence[int]) -> List[np.ndarray]:
-    """The cache rows ``rows`` of each Parameter -> [len(rows), M, D] per Parameter (for moving sequences to
-    another batch size)."""
-    return [param.asnumpy()[list(rows)] for param in params]
+def read_caches(params: Sequence[Parameter], batch: int, rows: Sequence[int]) -> List[np.ndarray]:
+    """The cache rows (sequences) ``rows`` of each Parameter [batch * M, D] -> [len(rows), M, D] per Parameter
+    (for moving sequences to another batch size)."""
+    out = []
+    for param in params:
+        full = param.asnumpy()
+        out.append(full.reshape(batch, full.shape[0] // batch, full.shape[1])[list(rows)])
+    return out

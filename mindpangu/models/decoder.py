@@ -35,9 +35,9 @@ class DecoderLayer(nn.Cell):
         """h [B, S, H] -> (h, router outputs or None, attention cache).
 
         Without a cache: causal attention over h, and the cache is this layer's entries for h [B, S, D]
-        (prefill). With ``cache`` (a Parameter [B, M, D]): h is S new tokens at ``positions [B, S]``, written into
-        the cache in place at ``index`` (``layers.cache_index(positions)``) and attending to everything cached up
-        to their position (decode; router outputs None).
+        (prefill). With ``cache`` (a Parameter [B * M, D]): h is S new tokens at ``positions [B, S]``, written
+        into the cache in place at ``index`` (``layers.cache_index``) and attending to everything cached up to
+        their position (decode; router outputs None).
         """
         x = self.input_layernorm(h)
         if cache is None:
@@ -125,7 +125,7 @@ class DecoderModel(nn.Cell):
         """Inference with an attention cache per layer.
 
         No caches: prefill of input_ids [B, S] -> (normed [B,S,H], residual [B,S,H], caches [L, B, S, D]).
-        With ``caches`` (one Parameter [B, M, D] per layer): decode of S new tokens at ``positions [B, S]``,
+        With ``caches`` (one Parameter [B * M, D] per layer): decode of S new tokens at ``positions [B, S]``,
         written into the caches in place -> (normed, residual, caches).
         """
         h = self.embed_tokens(input_ids)
@@ -135,7 +135,7 @@ class DecoderModel(nn.Cell):
                 h, _, cache = layer.block(h)
                 new_caches = new_caches + (cache,)
             return self.norm(h), h, ops.stack(new_caches)
-        index = cache_index(positions)
+        index = cache_index(positions, caches[0])
         i = 0
         for layer in self.layers:
             h, _, _ = layer.block(h, positions, caches[i], index)
@@ -194,7 +194,7 @@ class CausalLM(nn.Cell):
         return self.logits(normed), h, caches
 
     def decode(self, input_ids, positions, caches):
-        """input_ids [B, Q] at ``positions [B, Q]`` with ``caches`` (a Parameter [B, M, D] per layer, updated in
+        """input_ids [B, Q] at ``positions [B, Q]`` with ``caches`` (a Parameter [B * M, D] per layer, updated in
         place) -> (logits [B, Q, V], residual [B, Q, H], caches)."""
         normed, h, caches = self.model.cached(input_ids, positions, caches)
         return self.logits(normed), h, caches
@@ -202,8 +202,8 @@ class CausalLM(nn.Cell):
     def draft(self, h, next_ids, positions=None, cache=None):
         """The first MTP layer at positions whose main residual ``h [B, Q, H]`` and next token ``next_ids [B, Q]``
         are known -> (logits [B, Q, V] for the token after next, its cache). No cache: prefill over the Q
-        positions 0..Q-1, the cache is their entries [B, Q, D]; with ``cache`` (a Parameter [B, M, D]) the entries
+        positions 0..Q-1, the cache is their entries [B, Q, D]; with ``cache`` (a Parameter [B * M, D]) the entries
         are written into it in place at ``positions [B, Q]``."""
-        index = None if cache is None else cache_index(positions)
+        index = None if cache is None else cache_index(positions, cache)
         _, head_in, _, cache = self.model.mtp_layers[0](h, self.model.embed_tokens(next_ids), positions, cache, index)
         return self.logits(head_in), cache

@@ -66,8 +66,8 @@ class GQAttention(nn.Cell):
         return self.attend(q, k, v, causal_mask(s, s)), entries
 
     def decode(self, x, positions, cache, index):
-        """x [B, Q, H] at ``positions [B, Q]``; ``cache`` the K/V cache Parameter [B, M, 2 * kv * d], written in
-        place at ``index`` (``layers.cache_index(positions)``) -> (output [B, Q, H], the cache). ``decode_backend``
+        """x [B, Q, H] at ``positions [B, Q]``; ``cache`` the K/V cache Parameter [B * M, 2 * kv * d], written in
+        place at ``index`` (``layers.cache_index``) -> (output [B, Q, H], the cache). ``decode_backend``
         cpu_kernel runs RoPE and attention after the projections in one kernel (GqaDecode)."""
         b, q_len, _ = x.shape
         kv, d = self.kv_heads, self.head_dim
@@ -79,9 +79,9 @@ class GQAttention(nn.Cell):
         entries = ops.concat((k.transpose(0, 2, 1, 3).reshape(b, q_len, -1),
                               v.transpose(0, 2, 1, 3).reshape(b, q_len, -1)), -1)
         cache = cache_update(cache, entries, index)
-        m = cache.shape[1]
-        k_all = cache[..., : kv * d].reshape(b, m, kv, d).transpose(0, 2, 1, 3)
-        v_all = cache[..., kv * d:].reshape(b, m, kv, d).transpose(0, 2, 1, 3)
+        m = cache.shape[0] // b
+        k_all = cache[:, : kv * d].reshape(b, m, kv, d).transpose(0, 2, 1, 3)
+        v_all = cache[:, kv * d:].reshape(b, m, kv, d).transpose(0, 2, 1, 3)
         mask = positions_mask(positions, m).reshape(b, 1, 1, q_len, m)
         return self.attend(q, k_all, v_all, mask), cache
 

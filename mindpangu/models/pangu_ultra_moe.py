@@ -78,8 +78,8 @@ class MLAttention(nn.Cell):
         return self.o_proj(out), ops.concat((c, k_pe.reshape(b, s, self.rope_dim)), -1)
 
     def decode(self, x, positions, cache, index):
-        """x [B, Q, H] at ``positions [B, Q]``; ``cache`` the latent cache Parameter [B, M, kv_rank + rope], written
-        in place at ``index`` (``layers.cache_index(positions)``) -> (output [B, Q, H], the cache).
+        """x [B, Q, H] at ``positions [B, Q]``; ``cache`` the latent cache Parameter [B * M, kv_rank + rope],
+        written in place at ``index`` (``layers.cache_index``) -> (output [B, Q, H], the cache).
 
         Attention runs on the latent with kv_b_proj absorbed (DeepSeek-V2 §2.1.2): q_nope W_UK scores against the
         cached c directly, and W_UV maps the attended latent to values, so no per-head K/V is ever materialised.
@@ -94,9 +94,9 @@ class MLAttention(nn.Cell):
             return self.o_proj(out), cache_update(cache, entries, index)
         q_nope, q_pe, c, k_pe = self.project(x, positions)
         cache = cache_update(cache, ops.concat((c, k_pe.reshape(b, q_len, self.rope_dim)), -1), index)
-        m = cache.shape[1]
-        c_all = cache[..., :r].reshape(b, 1, m, r)
-        pe_all = cache[..., r:].reshape(b, 1, m, self.rope_dim)
+        m = cache.shape[0] // b
+        c_all = cache[:, :r].reshape(b, 1, m, r)
+        pe_all = cache[:, r:].reshape(b, 1, m, self.rope_dim)
         w = self.kv_b_proj.weight.reshape(n, self.nope + self.v_dim, r)
         q_latent = ops.matmul(q_nope, w[:, : self.nope])  # [B, n, Q, r]
         scores = ops.matmul(q_latent, c_all.transpose(0, 1, 3, 2)) + ops.matmul(q_pe, pe_all.transpose(0, 1, 3, 2))

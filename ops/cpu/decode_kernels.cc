@@ -8,7 +8,7 @@
 //   - the cache entries of the new tokens (MLA: RMSNorm'd latent + roped shared key; GQA: roped K, then V);
 //   - attention of each new token at position p over keys 0..p, where a key at one of this step's positions is
 //     the new entry and every other key is read from the cache. The caller writes the entries into the cache
-//     afterwards (ScatterNdUpdate on the cache Parameter), so the cache input is read-only here.
+//     afterwards (ScatterUpdate on the cache Parameter), so the cache input is read-only here.
 // Keys after p are skipped (the composite path adds -1e9 to them, whose exp is exactly 0 in float32), so the work
 // is O(p), not O(max_len). RoPE uses the model's cos/sin tables and layout (mindpangu/layers.py Rotary): the
 // rotated first halves, then the rotated second halves, from even/odd pairs (interleave) or halves.
@@ -63,7 +63,8 @@ int64_t min_chunk(int64_t work_per_item) { return std::max<int64_t>(1, kMinWork 
 // Multi-head latent attention decode with kv_b_proj absorbed (DeepSeek-V2 §2.1.2).
 // inputs: q [B, Q, n*(nope+rope)] (q_b_proj / q_proj output, before RoPE), kv [B, Q, r+rope] (kv_a_proj_with_mqa
 // output), kv_norm_weight [r], kv_b_weight [n*(nope+v), r], cos [P, rope/2], sin [P, rope/2], positions [B, Q] i32,
-// cache [B, M, r+rope], config [4] = {n_heads, nope, eps, scale}, interleave [1] (1 = pairs, 0 = halves);
+// cache [B*M, r+rope] (row b*M + p: sequence b, position p), config [4] = {n_heads, nope, eps, scale},
+// interleave [1] (1 = pairs, 0 = halves);
 // outputs: out [B, Q, n*v] (per-head values, before o_proj), entries [B, Q, r+rope] (normed latent, roped key).
 extern "C" int MlaDecode(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, void *stream,
                          void *extra) {
@@ -80,7 +81,7 @@ extern "C" int MlaDecode(int nparam, void **params, int *ndims, int64_t **shapes
   const bool interleave = static_cast<const float *>(params[9])[0] > 0.5f;
   float *out = static_cast<float *>(params[10]);
   float *entries = static_cast<float *>(params[11]);
-  const int64_t B = shapes[0][0], Q = shapes[0][1], M = shapes[7][1], D = shapes[7][2];
+  const int64_t B = shapes[0][0], Q = shapes[0][1], M = shapes[7][0] / B, D = shapes[7][1];
   const int64_t n = static_cast<int64_t>(cfg[0] + 0.5f), nope = static_cast<int64_t>(cfg[1] + 0.5f);
   const float eps = cfg[2], scale = cfg[3];
   const int64_t r = shapes[2][0], rope_dim = D - r, half = rope_dim / 2;
@@ -133,7 +134,7 @@ extern "C" int MlaDecode(int nparam, void **params, int *ndims, int64_t **shapes
 }
 
 // Grouped-query attention decode. inputs: q [B, Q, n*d], k [B, Q, kv*d], v [B, Q, kv*d] (projections with their
-// biases, before RoPE), cos [P, d/2], sin [P, d/2], positions [B, Q] i32, cache [B, M, 2*kv*d] (roped K, then V),
+// biases, before RoPE), cos [P, d/2], sin [P, d/2], positions [B, Q] i32, cache [B*M, 2*kv*d] (roped K, then V),
 // config [2] = {n_heads, scale}, interleave [1]; outputs: out [B, Q, n*d] (before o_proj), entries [B, Q, 2*kv*d].
 extern "C" int GqaDecode(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, void *stream,
                          void *extra) {
@@ -149,7 +150,7 @@ extern "C" int GqaDecode(int nparam, void **params, int *ndims, int64_t **shapes
   const bool interleave = static_cast<const float *>(params[8])[0] > 0.5f;
   float *out = static_cast<float *>(params[9]);
   float *entries = static_cast<float *>(params[10]);
-  const int64_t B = shapes[0][0], Q = shapes[0][1], M = shapes[6][1], D = shapes[6][2];
+  const int64_t B = shapes[0][0], Q = shapes[0][1], M = shapes[6][0] / B, D = shapes[6][1];
   const int64_t n = static_cast<int64_t>(cfg[0] + 0.5f);
   const float scale = cfg[1];
   const int64_t kvd = shapes[1][2], d = shapes[0][2] / n, kvh = kvd / d, rep = n / kvh, half = d / 2;
