@@ -282,7 +282,7 @@ def generate_main(argv=None):
     runner.warmup(len(prompts))  # compiles the graphs, so the timings below do not include it
     generate(runner, prompts, 2, Sampler())  # and the prefill's first run at these prompt shapes
     if speculative:
-        speculative(prompts[0][None], 3)
+        speculative(prompts[0][None], max(1, min(3, runner.max_len - len(prompts[0]))))
     out = generate(runner, prompts, args.max_new_tokens, sampler, tok.eos_id)
     path = "MindIR" if args.mindir else "Python"
     for text, row, n in zip(args.prompt, out["tokens"], out["lengths"]):
@@ -290,14 +290,15 @@ def generate_main(argv=None):
     print(f"    {len(prompts)} prompt(s) in one batch: time to first token {out['ttft_s'] * 1e3:.1f} ms, decode "
           f"{out['decode_tokens_per_s']:.1f} tokens/s ({path}, {int(out['lengths'].sum())} tokens)")
     if speculative:
-        for text, ids, row, n in zip(args.prompt, prompts, out["tokens"], out["lengths"]):
-            alone = generate(runner, [ids], int(n), Sampler())
-            spec = speculative(ids[None], int(n))
-            same = np.array_equal(spec["tokens"][0], alone["tokens"][0])
+        for text, ids, n in zip(args.prompt, prompts, out["lengths"]):
+            r = speculative.against_greedy(ids, int(n))
+            spec, alone = r["speculative"], r["greedy"]
             print(f"    {text!r} speculative (MTP draft): acceptance {spec['acceptance_rate']:.1%} "
                   f"({spec['accepted']}/{spec['drafts']}), mean accepted length {spec['mean_accepted_length']:.2f} "
                   f"tokens/step, {spec['decode_tokens_per_s']:.1f} tokens/s vs {alone['decode_tokens_per_s']:.1f} "
-                  f"plain, identical to greedy: {same}")
+                  f"plain, identical to greedy: {r['identical']}")
+            if not r["identical"]:
+                raise SystemExit(f"speculative decoding of {text!r} differs from plain greedy decoding: a bug")
 
 
 @_friendly

@@ -298,10 +298,10 @@ def test_export_takes_the_config_from_the_hf_directory(tmp_path, monkeypatch):
     (tmp_path / "hf" / "tokenizer.json").write_text("{}")
     seen = {}
 
-    def fake_export(model, out, max_len, tokenizer, source):
+    def fake_export(model, out, max_len, tokenizer, source, batch_sizes):
         seen.update(type=model.config.type, layers=model.config.num_layers, tokenizer=tokenizer, source=source)
         return {"cache": {"kind": "mla", "layers": 2, "max_len": max_len, "D": 1, "bytes_per_token": 1,
-                          "full_kv_bytes_per_token": 2}}
+                          "full_kv_bytes_per_token": 2}, "graphs": {"prefill": {"file": "prefill.mindir"}}}
 
     import mindpangu.export as export
 

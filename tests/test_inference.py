@@ -11,7 +11,7 @@ import mindpangu as mp
 from mindpangu.cli import export_main, generate_main
 from mindpangu.convert.checkpoint import save_ms_checkpoint
 from mindpangu.export import export_for_serving
-from mindpangu.inference import steps
+from mindpangu.inference import generate as gen_module, steps
 from mindpangu.inference.generate import MindIRRunner, ModelRunner, Sampler, SpeculativeDecoder, generate, right_pad
 from mindpangu.inference.steps import load_caches
 from mindpangu.params import kv_cache_bytes_per_token
@@ -87,23 +87,29 @@ def test_greedy_from_mindir_equals_python(exported):
         np.testing.assert_array_equal(row, greedy_by_recomputation(model, p, 12))
 
 
-def test_mixed_length_batch_equals_one_at_a_time(exported):
-    """Five prompts of different lengths in one batch: every sequence's greedy tokens equal running it alone and
-    full recomputation. The 40-token prompt reaches the cache end (48) first, so the batch shrinks and moves to a
-    smaller decode graph (4 -> 2 -> 1 live sequences) on the way."""
+def test_mixed_length_batch_equals_one_at_a_time(exported, monkeypatch):
+    """Prompts of lengths 44, 41, 39 and 5 in one batch of 12 new tokens: the cache (48) holds 5, 8, 10 and 12 of
+    them, so the batch shrinks from 4 to 2 to 1 live sequences and its caches move to the smaller decode graphs
+    on the way. Every sequence's greedy tokens equal running it alone and full recomputation."""
     model, out, _ = exported
     rng = np.random.default_rng(7)
-    seqs = [rng.integers(0, model.config.vocab_size, n).astype(np.int32) for n in (40, 3, 9, 1, 5)]
+    seqs = [rng.integers(0, model.config.vocab_size, n).astype(np.int32) for n in (44, 41, 39, 5, 2)]
     with pytest.raises(ValueError, match="exceed the largest decode batch size 4"):
         generate(MindIRRunner(out), seqs, 12, Sampler())  # 5 sequences, batch sizes 1, 2, 4 exported
+    moves = []
+    real_move = gen_module._move
+    monkeypatch.setattr(gen_module, "_move", lambda runner, src, dst, rows: (moves.append((src, dst, list(rows))),
+                                                                              real_move(runner, src, dst, rows)))
     for runner in (ModelRunner(model, MAX_LEN), MindIRRunner(out)):
+        moves.clear()
         batch = generate(runner, seqs[:4], 12, Sampler())
-        np.testing.assert_array_equal(batch["lengths"], [9, 12, 12, 12])  # 48 - 40 + 1 tokens fit the cache
+        np.testing.assert_array_equal(batch["lengths"], [5, 8, 10, 12])  # MAX_LEN - length + 1 tokens fit
+        assert moves == [(4, 2, [2, 3]), (2, 1, [1])], moves  # rows of the live sequences in the old graph
         for row, n, seq in zip(batch["tokens"], batch["lengths"], seqs):
             alone = generate(runner, [seq], 12, Sampler())["tokens"][0]
             np.testing.assert_array_equal(row[:n], alone, err_msg=f"prompt of {len(seq)}")
             np.testing.assert_array_equal(row[n:], -1)
-    for row, n, seq in list(zip(batch["tokens"], batch["lengths"], seqs))[1:3]:
+    for row, n, seq in list(zip(batch["tokens"], batch["lengths"], seqs))[2:4]:
         np.testing.assert_array_equal(row[:n], greedy_by_recomputation(model, seq, int(n)))
 
 
@@ -160,6 +166,7 @@ def _oracle_drafters(sequence, wrong_every):
 
         def __call__(self, h, next_ids):
             s = next_ids.shape[1]
+            np.testing.assert_array_equal(next_ids.asnumpy()[0], sequence[1:s + 1])  # the token after each position
             return logits_at(range(s), self.vocab), ms.Tensor(np.zeros((1, s, self.width), np.float32))
 
     class Oracle:
@@ -169,7 +176,10 @@ def _oracle_drafters(sequence, wrong_every):
             self.cache = ms.Parameter(ms.Tensor(np.zeros((batch * max_len, width), np.float32)), name="oracle_cache")
 
         def __call__(self, h, next_ids, positions):
-            return logits_at(positions.asnumpy()[0], self.vocab)
+            p = positions.asnumpy()[0]
+            # the speculative step hands over the true next token of p (accepted or not: column 0 is always real)
+            assert int(next_ids.asnumpy()[0, 0]) == sequence[p[0] + 1], (p, next_ids)
+            return logits_at(p, self.vocab)
 
     return OraclePrefill, Oracle
 

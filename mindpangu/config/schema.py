@@ -175,8 +175,9 @@ class ModelConfig(Section):
                                          "routed experts; training is unaffected. reference: composite MindSpore "
                                          "ops (any device). cpu_kernel: one C++ aot kernel each "
                                          "(ops/cpu/decode_kernels.cc MlaDecode / GqaDecode, moe_kernels.cc "
-                                         "MoeRowExperts; CPU, forward only). auto: cpu_kernel on CPU when it "
-                                         "builds and no semi-auto parallel context is set, else reference.",
+                                         "MoeRowExperts, float32 compute only; CPU, forward only). auto: "
+                                         "cpu_kernel on CPU when it builds and no semi-auto parallel context is "
+                                         "set, else reference.",
                                  choices=("auto", "reference", "cpu_kernel"))
     norm_layout: str = option("dssn", "pre_ln: 2 RMSNorms per layer. sandwich: 4 (input, post-attention output, "
                                       "pre-MLP, post-MLP output). dssn: sandwich with the post-norm gamma "

@@ -20,23 +20,24 @@ import mindspore as ms
 from mindspore import nn
 
 from ..fsutil import replace_dir, staging_dir
-from ..kernels import kernel_library
+from ..kernels import kernel_library, resolve_kernels
 from ..moe import resolve_backend
 
-DYNAMIC_BLOCK = 8  # dispatch rows per expert block in dynamic-shape graphs: the least padding for decode batches
+DYNAMIC_BLOCK = 8  # dispatch rows per expert block in dynamic-shape graphs (prefill): little padding for short prompts
 
 
 def with_backend(model, backend: str, fixed_block: int = 0):
     """The same model (same weights) rebuilt with ``moe.dispatch_backend = backend`` and
     ``moe.dispatch_block_size = fixed_block`` (> 0: a fixed dispatch block size, which dynamic shapes need);
-    backend 'reference' also sets ``norm_backend`` to 'reference', so the graph holds no C++ kernel."""
+    backend 'reference' also sets ``norm_backend`` and ``decode_backend`` to 'reference', so the graph holds no C++
+    kernel."""
     from ..convert.hf import assign
     from ..models import build_model
 
     cfg = copy.deepcopy(model.config)
     cfg.moe.dispatch_backend, cfg.moe.dispatch_block_size = backend, fixed_block
     if backend == "reference":
-        cfg.norm_backend = "reference"
+        cfg.norm_backend = cfg.decode_backend = "reference"
     twin = build_model(cfg, init=False)
     assign(twin, {p.name: p.asnumpy() for p in model.get_parameters()}, "the exported model")
     return twin
@@ -132,8 +133,9 @@ def export_for_serving(model, out_dir: str, max_len: int, tokenizer: str = "", s
     ids = _spec("input_ids", ["batch", "Q"], "int32", "the newest token of each sequence (Q = 1)")
     positions = _spec("positions", ["batch", "Q"], "int32", "its position (= tokens before it); < max_len")
     logits = _spec("logits", ["batch", "Q", cfg.vocab_size], "float32", "next-token logits")
-    caches = {"parameters": [f"{CACHE_PREFIX}{i}" for i in range(layers)], "shape": ["batch", "max_len", "D"],
-              "doc": "one Parameter per layer, written in place each step; fill from prefill with set_data"}
+    caches = {"parameters": [f"{CACHE_PREFIX}{i}" for i in range(layers)], "shape": ["batch * max_len", "D"],
+              "doc": "one Parameter per layer, row b * max_len + p = sequence b's position p, written in place "
+                     "each step; fill from prefill with set_data"}
     graphs = {
         "prefill": {"file": "prefill.mindir",
                     "inputs": [_spec("input_ids", ["batch", "seq"], "int32", "prompts, right-padded with any id"),
@@ -150,7 +152,8 @@ def export_for_serving(model, out_dir: str, max_len: int, tokenizer: str = "", s
         graphs[name] = {"file": f"{name}.mindir", "batch": b, "inputs": [ids, positions], "outputs": [logits],
                         "caches": caches}
     if cfg.num_mtp_layers:
-        _export(draft_prefill_cell(model), draft_prefill_cell(model).get_inputs(), os.path.join(tmp, "draft_prefill"))
+        draft_prefill = draft_prefill_cell(model)
+        _export(draft_prefill, draft_prefill.get_inputs(), os.path.join(tmp, "draft_prefill"))
         _export(SpeculativeStep(model, max_len), _step_inputs(1, 2), os.path.join(tmp, "speculative"))
         graphs["draft_prefill"] = {"file": "draft_prefill.mindir", "doc": "first MTP layer over the prompt: "
                                    "(hidden [1, S, H], next tokens [1, S]) -> (logits [1, S, V], cache entries "
@@ -160,13 +163,13 @@ def export_for_serving(model, out_dir: str, max_len: int, tokenizer: str = "", s
             "inputs": [_spec("input_ids", [1, 2], "int32", "[newest token, draft]"),
                        _spec("positions", [1, 2], "int32", "[p, p + 1]")],
             "outputs": [_spec("tokens", [3], "int32", "greedy token after the newest, after the draft, next draft")],
-            "caches": {"parameters": caches["parameters"] + [MTP_CACHE], "shape": ["1", "max_len", "D"],
+            "caches": {"parameters": caches["parameters"] + [MTP_CACHE], "shape": ["max_len", "D"],
                        "doc": "main-model caches, then the MTP layer's; fill from prefill and draft_prefill"}}
     cache_kind = "mla_latent" if cfg.type == "pangu_ultra_moe" else "gqa_kv"
     bytes_per = kv_cache_bytes_per_token(cfg, 4)
     backend = resolve_backend(cfg.moe.dispatch_backend)
-    uses_kernels = any(getattr(cell, "use_kernel", False) or getattr(cell, "decode_kernel", False)
-                       or getattr(cell, "row_experts", None) is not None for _, cell in model.cells_and_names())
+    uses_kernels = "cpu_kernel" in (resolve_kernels(cfg.norm_backend, "model.norm_backend"), backend,
+                                    resolve_kernels(cfg.decode_backend, "model.decode_backend"))
     manifest = {
         "format": FORMAT,
         "model_type": cfg.type,

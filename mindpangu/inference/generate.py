@@ -17,6 +17,8 @@ from typing import Dict, List, Optional, Sequence, Union
 import numpy as np
 import mindspore as ms
 
+FORMAT = "mindpangu-mindir/2"  # the export directory layout this version reads (manifest "format")
+
 
 @dataclass
 class Sampler:
@@ -71,7 +73,8 @@ class Runner(abc.ABC):
         sizes = [b for b in self.batch_sizes(n) if b >= n]
         if not sizes:
             raise ValueError(f"{n} sequences exceed the largest decode batch size {max(self.batch_sizes(n))}; "
-                             "generate them in smaller groups (or export more batch sizes: --batch-sizes)")
+                             "generate them in smaller groups, or export larger ones "
+                             "(mindpangu-export --batch-sizes ...)")
         return min(sizes)
 
     def decode_cell(self, batch: int):
@@ -80,7 +83,11 @@ class Runner(abc.ABC):
         return self._cells[batch]
 
     def decode(self, batch: int, ids: np.ndarray, positions: np.ndarray) -> np.ndarray:
-        """ids / positions [batch, 1] int32 -> logits [batch, 1, V] np.float32 from the batch-``batch`` graph."""
+        """ids / positions [batch, 1] int32 -> logits [batch, 1, V] np.float32 from the batch-``batch`` graph.
+        Raises ValueError for a position outside [0, max_len)."""
+        if positions.min() < 0 or positions.max() >= self.max_len:
+            raise ValueError(f"decode positions must be in [0, {self.max_len}) (the cache length), got "
+                             f"{positions.min()}..{positions.max()}")
         return self.decode_cell(batch)(ms.Tensor(ids, ms.int32), ms.Tensor(positions, ms.int32)).asnumpy()
 
     def warmup(self, n: int) -> None:
@@ -119,6 +126,9 @@ class ModelRunner(Runner):
         from ..export.mindir import serving_cells
 
         super().__init__()
+        limit = model.config.max_position_embeddings
+        if not 1 <= max_len <= limit:
+            raise ValueError(f"max_len must be in [1, max_position_embeddings = {limit}], got {max_len}")
         self.model, self.max_len = model, max_len
         self.prefill_cell = serving_cells(model, max_len, batch_sizes=())[0]
 
@@ -141,7 +151,7 @@ class ModelRunner(Runner):
 
         if not self.model.config.num_mtp_layers:
             raise ValueError("speculative decoding drafts with the MTP module: the model has num_mtp_layers = 0")
-        step = steps.SpeculativeStep(self.model, self.max_len, steps.DraftStep(self.model, 1, self.max_len))
+        step = steps.SpeculativeStep(self.model, self.max_len)
         return step, list(step.verify.caches), draft_prefill_cell(self.model), [step.draft.cache]
 
 
@@ -188,8 +198,6 @@ class MindIRRunner(Runner):
         return (step, _named_caches(step, self.manifest["cache"]["layers"]), self._graph("draft_prefill"),
                 [_param(step, MTP_CACHE)])
 
-
-FORMAT = "mindpangu-mindir/2"
 
 
 def _param(graph, name: str):
@@ -253,6 +261,7 @@ def generate(runner: Runner, prompts: Union[np.ndarray, Sequence], max_new_token
     seqs = _prompts(prompts, runner.max_len)
     n = len(seqs)
     budget = [min(max_new_tokens, runner.max_len - len(p) + 1) for p in seqs]
+    runner.bucket(n)  # too many sequences for the decode graphs: say so before any work
     ids, lengths = right_pad(seqs)
     start = time.perf_counter()
     logits, _, caches = runner.prefill(ids, lengths)
@@ -299,7 +308,7 @@ def generate(runner: Runner, prompts: Union[np.ndarray, Sequence], max_new_token
 
 class SpeculativeDecoder:
     """Greedy decoding where the first MTP layer drafts one token and the main model verifies it, from a
-    :class:`ModelRunner` or a :class:`MindIRRunner` (whose export holds the verify and draft graphs).
+    :class:`ModelRunner` or a :class:`MindIRRunner` (whose export holds the speculative and draft_prefill graphs).
 
     Each step (one ``SpeculativeStep`` graph call) feeds the main model [last token, draft] at once: the draft is
     accepted when it equals the main model's greedy choice, and then the main model's prediction after it comes
@@ -313,6 +322,14 @@ class SpeculativeDecoder:
         self.runner, self.max_len = runner, runner.max_len
         self.step, self.main_caches, self.draft_prefill, self.draft_cache = runner.speculative_cells()
 
+    def against_greedy(self, prompt: np.ndarray, max_new_tokens: int) -> Dict:
+        """One prompt [S] decoded greedily with and without the drafts, as many tokens as both fit in the cache
+        -> {"speculative": this decoder's result, "greedy": :func:`generate`'s, "identical": bool}."""
+        prompt = np.asarray(prompt, np.int32).reshape(1, -1)
+        n = min(max_new_tokens, self.max_len - prompt.shape[1])
+        spec, plain = self(prompt, n), generate(self.runner, prompt, n, Sampler())
+        return {"speculative": spec, "greedy": plain, "identical": bool(np.array_equal(spec["tokens"], plain["tokens"]))}
+
     def __call__(self, prompt: np.ndarray, max_new_tokens: int) -> Dict:
         """prompt [1, S] -> {tokens [1, N], drafts, accepted, acceptance_rate, mean_accepted_length, steps, ...}."""
         from .steps import load_caches
@@ -321,8 +338,8 @@ class SpeculativeDecoder:
         if prompt.ndim != 2 or prompt.shape[0] != 1:
             raise ValueError(f"speculative decoding takes one prompt [1, seq], got shape {prompt.shape}")
         s, max_len = prompt.shape[1], self.max_len
-        if s + max_new_tokens + 1 > max_len:
-            raise ValueError(f"prompt ({s}) + new tokens ({max_new_tokens}) + 1 exceed the cache length {max_len}")
+        if s + max_new_tokens > max_len:  # the last verify step writes position s + max_new_tokens - 1
+            raise ValueError(f"prompt ({s}) + new tokens ({max_new_tokens}) exceed the cache length {max_len}")
         start = time.perf_counter()
         logits, h, caches = self.runner.prefill(prompt, np.array([s], np.int32))
         load_caches(self.main_caches, caches, 1)

@@ -7,13 +7,16 @@ Python path and the exported files run the same graphs.
 - :class:`DecodeStep`: Q new tokens per sequence at their positions -> logits. The caches live in the cell as one
   Parameter ``[B * M, D]`` per layer (``decode_cache.<layer>``; row b * M + p is sequence b's position p) and
   each step writes its Q entries in place (ScatterUpdate, as mindformers' incremental inference keeps its KV
-  cache in Parameters): nothing of the cache crosses the graph boundary or is copied per token. Batch B and cache length M are static (what Ascend graph mode and
-  the C++ decode kernels need). :func:`load_caches` fills the Parameters from a prefill.
+  cache in Parameters): nothing of the cache crosses the graph boundary or is copied per token. Batch B and
+  cache length M are static (what Ascend graph mode and the C++ decode kernels need). :func:`load_caches` fills
+  the Parameters from a prefill.
 - :class:`DraftPrefillStep` / :class:`DraftStep`: the first MTP layer over a prompt, then Q positions at a time
   with its own cache Parameter (``mtp_cache``); :class:`SpeculativeStep` verifies and drafts in one graph.
 
 Padding rows of a prompt batch (after a prompt's last token) produce cache entries that no query sees: decode
-writes position p before any query attends to it, and a query at p sees keys 0..p only.
+writes position p before any query attends to it, and a query at p sees keys 0..p only. (Pad tokens do go
+through the MoE router; with ``moe.capacity_factor`` set they compete for expert capacity, so batched output can
+differ from one prompt alone. Serving models are dropless by default.)
 """
 from __future__ import annotations
 
@@ -110,10 +113,10 @@ class SpeculativeStep(nn.Cell):
     draft is its greedy token at p + 1 or p. One graph call per step, the same number as plain decoding.
     """
 
-    def __init__(self, model, max_len: int, draft=None):
+    def __init__(self, model, max_len: int):
         super().__init__(auto_prefix=False)
         self.verify = DecodeStep(model, 1, max_len, hidden=True)
-        self.draft = DraftStep(model, 1, max_len) if draft is None else draft
+        self.draft = DraftStep(model, 1, max_len)
         self.argmax = ops.Argmax(-1, ms.int32)
 
     def construct(self, input_ids, positions):

@@ -4,6 +4,7 @@ A model supplies its attention cell (MLA for Ultra MoE, GQA for Pro MoE); everyt
 """
 from __future__ import annotations
 
+import mindspore as ms
 from mindspore import nn, ops
 
 from ..config.schema import ModelConfig
@@ -40,10 +41,11 @@ class DecoderLayer(nn.Cell):
         their position (decode; router outputs None).
         """
         x = self.input_layernorm(h)
-        if cache is None:
-            a, cache = self.self_attn.prefill(x)
-        else:
+        decoding = cache is not None
+        if decoding:
             a, cache = self.self_attn.decode(x, positions, cache, index)
+        else:
+            a, cache = self.self_attn.prefill(x)
         if self.sandwich:
             h = h + self.post_attention_layernorm(a)
             x = self.pre_mlp_layernorm(h)
@@ -53,10 +55,10 @@ class DecoderLayer(nn.Cell):
         route = None
         if not self.is_moe:
             y = self.mlp(x)
-        elif cache is None or index is None:
-            y, route = self.mlp(x)
-        else:
+        elif decoding:
             y = self.mlp.decode(x)
+        else:
+            y, route = self.mlp(x)
         if self.sandwich:
             y = self.post_mlp_layernorm(y)
         return h + y, route, cache
@@ -135,6 +137,7 @@ class DecoderModel(nn.Cell):
                 h, _, cache = layer.block(h)
                 new_caches = new_caches + (cache,)
             return self.norm(h), h, ops.stack(new_caches)
+        positions = positions.astype(ms.int32)  # the decode kernels read int32
         index = cache_index(positions, caches[0])
         i = 0
         for layer in self.layers:
@@ -204,6 +207,8 @@ class CausalLM(nn.Cell):
         are known -> (logits [B, Q, V] for the token after next, its cache). No cache: prefill over the Q
         positions 0..Q-1, the cache is their entries [B, Q, D]; with ``cache`` (a Parameter [B * M, D]) the entries
         are written into it in place at ``positions [B, Q]``."""
+        if cache is not None:
+            positions = positions.astype(ms.int32)  # the decode kernels read int32
         index = None if cache is None else cache_index(positions, cache)
         _, head_in, _, cache = self.model.mtp_layers[0](h, self.model.embed_tokens(next_ids), positions, cache, index)
         return self.logits(head_in), cache

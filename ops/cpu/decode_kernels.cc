@@ -11,7 +11,8 @@
 //     afterwards (ScatterUpdate on the cache Parameter), so the cache input is read-only here.
 // Keys after p are skipped (the composite path adds -1e9 to them, whose exp is exactly 0 in float32), so the work
 // is O(p), not O(max_len). RoPE uses the model's cos/sin tables and layout (mindpangu/layers.py Rotary): the
-// rotated first halves, then the rotated second halves, from even/odd pairs (interleave) or halves.
+// rotated first halves, then the rotated second halves, from even/odd pairs (interleave) or halves. A position
+// outside the cache or the RoPE table makes the kernel fail (return 2).
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -40,6 +41,13 @@ inline const float *key_row(const float *cache, const float *entries, const int3
   for (int64_t i = Q - 1; i >= 0; --i)
     if (pos[b * Q + i] == j) return entries + (b * Q + i) * D;
   return cache + (b * M + j) * D;
+}
+
+// Every position inside [0, limit): the cache length and the RoPE table (an error, not a read past either).
+inline bool positions_valid(const int32_t *pos, int64_t n, int64_t limit) {
+  for (int64_t i = 0; i < n; ++i)
+    if (pos[i] < 0 || pos[i] >= limit) return false;
+  return true;
 }
 
 // Softmax in place over p[0..n), float32, max subtracted.
@@ -86,6 +94,7 @@ extern "C" int MlaDecode(int nparam, void **params, int *ndims, int64_t **shapes
   const float eps = cfg[2], scale = cfg[3];
   const int64_t r = shapes[2][0], rope_dim = D - r, half = rope_dim / 2;
   const int64_t qk = nope + rope_dim, v = shapes[3][0] / n - nope;
+  if (!positions_valid(pos, B * Q, std::min<int64_t>(M, shapes[4][0]))) return 2;
   // 1. the new entries: RMSNorm of the latent (in float32, as RMSNorm does), RoPE of the shared key
   for (int64_t t = 0; t < B * Q; ++t) {
     const float *src = kv + t * D;
@@ -154,6 +163,7 @@ extern "C" int GqaDecode(int nparam, void **params, int *ndims, int64_t **shapes
   const int64_t n = static_cast<int64_t>(cfg[0] + 0.5f);
   const float scale = cfg[1];
   const int64_t kvd = shapes[1][2], d = shapes[0][2] / n, kvh = kvd / d, rep = n / kvh, half = d / 2;
+  if (!positions_valid(pos, B * Q, std::min<int64_t>(M, shapes[3][0]))) return 2;
   for (int64_t t = 0; t < B * Q; ++t) {
     const int64_t p = pos[t];
     float *dst = entries + t * D;

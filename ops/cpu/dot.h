@@ -5,6 +5,10 @@
 #include <cstdint>
 #include <cstring>
 
+// Built without AVX (no -march), GCC notes that passing an 8-float vector by value changes the ABI; these helpers
+// are inline and never cross a library boundary, so the note does not apply.
+#pragma GCC diagnostic ignored "-Wpsabi"
+
 namespace mindpangu {
 
 typedef float float8 __attribute__((vector_size(32)));
@@ -15,7 +19,7 @@ inline float8 load8(const float *p) {
   return v;
 }
 
-inline float sum8(float8 v) { return ((v[0] + v[1]) + (v[2] + v[3])) + ((v[4] + v[5]) + (v[6] + v[7])); }
+inline float sum8(const float8 &v) { return ((v[0] + v[1]) + (v[2] + v[3])) + ((v[4] + v[5]) + (v[6] + v[7])); }
 
 inline float dot(const float *a, const float *b, int64_t n) {
   float8 acc = {};
