@@ -216,6 +216,10 @@ def test_speculative_with_the_real_mtp_layer_equals_plain_greedy(exported):
     for runner in (ModelRunner(model, MAX_LEN), MindIRRunner(out)):  # Python, and the exported draft graphs
         spec = SpeculativeDecoder(runner)(prompt, 10)
         np.testing.assert_array_equal(spec["tokens"], plain)
+    # the composite decode path at Q = 2 (verify and draft without the C++ decode kernels)
+    composite = tiny(ULTRA_TINY, "model.decode_backend=reference")
+    spec = SpeculativeDecoder(ModelRunner(composite, MAX_LEN))(prompt, 10)
+    np.testing.assert_array_equal(spec["tokens"], plain)
     assert [p.name for p in model.get_parameters()] == names  # wrapping the model renames nothing
 
 
