@@ -89,12 +89,14 @@ def serving_cells(model, max_len: int, batch_sizes: Sequence[int] = (1,)):
     return prefill, {b: DecodeStep(model, b, max_len) for b in batch_sizes}
 
 
-def draft_prefill_cell(model):
-    """The first MTP layer over a prompt (``DraftPrefillStep``) with a dynamic prompt length, batch 1: the
-    reference path with a fixed dispatch block size, same weights."""
+def draft_prefill_cell(prefill):
+    """The first MTP layer over a prompt (``DraftPrefillStep``) with a dynamic prompt length, batch 1, on the
+    model that ``prefill`` (from :func:`serving_cells`) already runs: the reference path with a fixed dispatch
+    block size, so the weights are not copied a second time."""
     from ..inference.steps import DraftPrefillStep
 
-    cell = DraftPrefillStep(with_backend(model, "reference", DYNAMIC_BLOCK))
+    model = prefill.model
+    cell = DraftPrefillStep(model)
     cell.set_inputs(ms.Tensor(shape=[1, None, model.config.hidden_size], dtype=ms.float32),
                     ms.Tensor(shape=[1, None], dtype=ms.int32))
     return cell
@@ -152,7 +154,7 @@ def export_for_serving(model, out_dir: str, max_len: int, tokenizer: str = "", s
         graphs[name] = {"file": f"{name}.mindir", "batch": b, "inputs": [ids, positions], "outputs": [logits],
                         "caches": caches}
     if cfg.num_mtp_layers:
-        draft_prefill = draft_prefill_cell(model)
+        draft_prefill = draft_prefill_cell(prefill)
         _export(draft_prefill, draft_prefill.get_inputs(), os.path.join(tmp, "draft_prefill"))
         _export(SpeculativeStep(model, max_len), _step_inputs(1, 2), os.path.join(tmp, "speculative"))
         graphs["draft_prefill"] = {"file": "draft_prefill.mindir", "doc": "first MTP layer over the prompt: "

@@ -152,7 +152,7 @@ class ModelRunner(Runner):
         if not self.model.config.num_mtp_layers:
             raise ValueError("speculative decoding drafts with the MTP module: the model has num_mtp_layers = 0")
         step = steps.SpeculativeStep(self.model, self.max_len)
-        return step, list(step.verify.caches), draft_prefill_cell(self.model), [step.draft.cache]
+        return step, list(step.verify.caches), draft_prefill_cell(self.prefill_cell), [step.draft.cache]
 
 
 class MindIRRunner(Runner):
