@@ -130,7 +130,7 @@ class _Dispatch(ms.nn.Cell):
         self.grad = ms.ops.GradOperation(get_all=True, sens_param=True)
 
     def forward(self, x, weights, indices):
-        xs, _, slot_of_row = self.dispatcher.dispatch(x, indices)
+        xs, _, slot_of_row, _ = self.dispatcher.dispatch(x, indices)
         return self.dispatcher.combine(xs, weights, slot_of_row)
 
     def construct(self, x, weights, indices, dy):

@@ -23,16 +23,21 @@ from mindspore import Tensor, ops
 from .fsutil import cache_root
 
 _OPS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "ops", "cpu")
-SOURCES = tuple(os.path.join(_OPS, name) for name in ("moe_kernels.cc", "norm_kernels.cc", "decode_kernels.cc"))
+SOURCES = tuple(os.path.join(_OPS, name)
+                for name in ("moe_kernels.cc", "expert_kernels.cc", "norm_kernels.cc", "decode_kernels.cc"))
 HEADERS = (os.path.join(_OPS, "parallel_for.h"), os.path.join(_OPS, "dot.h"))
+# the grouped expert kernels call dnnl_sgemm from the oneDNN that MindSpore's CPU backend ships (and loads)
+_MS_LIB = os.path.join(os.path.dirname(os.path.abspath(ms.__file__)), "lib")
+DNNL = os.path.join(_MS_LIB, "libdnnl.so.3")
 FLAGS = ["-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-pthread", "-D_GLIBCXX_USE_CXX11_ABI=0"]
+LINK = [f"-L{_MS_LIB}", "-l:libdnnl.so.3", f"-Wl,-rpath,{_MS_LIB}"]
 _LIBRARY: dict = {}
 
 
 def build_library(sources: Sequence[str] = SOURCES, compiler: str = "g++") -> str:
     """Compile ``sources`` into one library in the kernel cache (once per source hash and flags); -> the .so path.
     Raises RuntimeError with the compiler's message when the build fails."""
-    digest = hashlib.sha256(" ".join(FLAGS).encode())
+    digest = hashlib.sha256(" ".join(FLAGS + LINK).encode())
     for source in (*sources, *HEADERS):
         with open(source, "rb") as fh:
             digest.update(fh.read())
@@ -41,7 +46,7 @@ def build_library(sources: Sequence[str] = SOURCES, compiler: str = "g++") -> st
     if not os.path.isfile(lib):
         os.makedirs(out_dir, exist_ok=True)
         tmp = f"{lib}.tmp{os.getpid()}"
-        proc = subprocess.run([compiler, *FLAGS, *sources, "-o", tmp], capture_output=True, text=True)
+        proc = subprocess.run([compiler, *FLAGS, *sources, "-o", tmp, *LINK], capture_output=True, text=True)
         if proc.returncode:
             raise RuntimeError(f"building {' '.join(sources)} failed:\n{proc.stderr[-2000:]}")
         os.replace(tmp, lib)
@@ -56,6 +61,8 @@ def kernel_library(required: bool = False) -> Optional[str]:
         missing = [s for s in (*SOURCES, *HEADERS) if not os.path.isfile(s)]
         if missing:
             raise RuntimeError(f"kernel source {missing[0]} is not installed")
+        if not os.path.isfile(DNNL):
+            raise RuntimeError(f"MindSpore's oneDNN library {DNNL} is missing (this MindSpore build has no CPU backend?)")
         if shutil.which("g++") is None:
             raise RuntimeError("no C++ compiler (g++) on PATH")
         path = build_library()

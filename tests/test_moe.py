@@ -32,10 +32,13 @@ def _numpy_experts(ge, x, weights, indices):
     return y
 
 
-@pytest.mark.parametrize("expert_major", [False, True], ids=["blocks", "expert_major"])
+@pytest.mark.parametrize("backend", ["reference", "expert_major", "cpu_kernel"])
 @pytest.mark.parametrize("tokens,experts,k", [(37, 8, 2), (5, 16, 1), (64, 4, 4), (13, 64, 8)])
-def test_dropless_experts_match_per_token_loop(rng, tokens, experts, k, expert_major):
-    layer = _experts(rng, experts, k, 12, 10, "expert_major" if expert_major else "reference")
+def test_dropless_experts_match_per_token_loop(rng, tokens, experts, k, backend):
+    """Every dispatcher with its grouped experts (cpu_kernel: C++ permute, grouped SwiGLU, unpermute)."""
+    expert_major = backend == "expert_major"
+    layer = _experts(rng, experts, k, 12, 10, backend)
+    assert (layer.experts.grouped is not None) == (backend == "cpu_kernel")
     x = rng.normal(size=(tokens, 12)).astype(np.float32)
     choices = [e for e in range(experts) if e != 3] if experts >= 8 else range(experts)  # expert 3 gets no token
     idx = np.stack([rng.choice(choices, k, replace=False) for _ in range(tokens)]).astype(np.int32)
@@ -62,8 +65,9 @@ def test_permute_plan_is_a_stable_counting_sort(rng):
         assert block_expert[s // block] == flat[r]
 
 
-def test_expert_gradients_match_finite_differences(rng):
-    layer = _experts(rng, 4, 2, 6, 5, "reference")
+@pytest.mark.parametrize("backend", ["reference", "cpu_kernel"])
+def test_expert_gradients_match_finite_differences(rng, backend):
+    layer = _experts(rng, 4, 2, 6, 5, backend)
     ge = layer.experts
     x = rng.normal(size=(9, 6)).astype(np.float32)
     idx = rng.integers(0, 4, (9, 2)).astype(np.int32)
@@ -73,15 +77,16 @@ def test_expert_gradients_match_finite_differences(rng):
         return (layer.routed_experts(xx, ww, ms.Tensor(idx)) ** 2).sum()
 
     gx, gw = ms.grad(loss, grad_position=(0, 1))(ms.Tensor(x), ms.Tensor(wts))
-    g_param = ms.grad(loss, grad_position=None, weights=[ge.down_proj])(ms.Tensor(x), ms.Tensor(wts))[0]
+    params = [ge.gate_proj, ge.up_proj, ge.down_proj]
+    g_params = ms.grad(loss, grad_position=None, weights=params)(ms.Tensor(x), ms.Tensor(wts))
 
-    def np_loss(xx, ww, down=None):
-        if down is not None:
-            old = ge.down_proj.asnumpy().copy()
-            ge.down_proj.set_data(ms.Tensor(down))
+    def np_loss(xx, ww, param=None, value=None):
+        if param is not None:
+            old = param.asnumpy().copy()
+            param.set_data(ms.Tensor(value))
         val = (_numpy_experts(ge, xx, ww, idx) ** 2).sum()
-        if down is not None:
-            ge.down_proj.set_data(ms.Tensor(old))
+        if param is not None:
+            param.set_data(ms.Tensor(old))
         return val
 
     eps = 1e-3
@@ -92,10 +97,15 @@ def test_expert_gradients_match_finite_differences(rng):
     d = np.zeros_like(wts); d[3, 1] = eps
     fd = (np_loss(x, wts + d) - np_loss(x, wts - d)) / (2 * eps)
     assert abs(gw.asnumpy()[3, 1] - fd) < 2e-2 * max(1.0, abs(fd))
-    down = ge.down_proj.asnumpy()
-    d = np.zeros_like(down); d[idx[2, 0], 1, 2] = eps
-    fd = (np_loss(x, wts, down + d) - np_loss(x, wts, down - d)) / (2 * eps)
-    assert abs(g_param.asnumpy()[idx[2, 0], 1, 2] - fd) < 2e-2 * max(1.0, abs(fd))
+    unused = sorted(set(range(4)) - set(idx.reshape(-1).tolist()))
+    for param, grad in zip(params, g_params):
+        value = param.asnumpy()
+        for at in [(idx[2, 0], 1, 2), (idx[7, 1], 4, 0)]:
+            d = np.zeros_like(value); d[at] = eps
+            fd = (np_loss(x, wts, param, value + d) - np_loss(x, wts, param, value - d)) / (2 * eps)
+            assert abs(grad.asnumpy()[at] - fd) < 2e-2 * max(1.0, abs(fd)), (param.name, at)
+        for e in unused:  # an expert no token chose gets a zero gradient
+            assert not grad.asnumpy()[e].any()
 
 
 @pytest.mark.parametrize("normalise,scale", [(True, 2.5), (False, 1.0)])

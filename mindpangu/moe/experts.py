@@ -16,9 +16,14 @@ class GroupedExperts(nn.Cell):
     comes from a token dispatcher (``token_dispatcher.py``) in groups of rows that each belong to one expert
     (Megatron's ``GroupedMLP`` / torchtitan's ``GroupedExperts``, with groups instead of ragged segments so that
     every shape is static).
+
+    ``grouped_kernel`` (float32 only; the ``cpu_kernel`` dispatch backend): the C++ ``MoeGroupedSwiGLU`` op runs
+    each expert's rows of the block-padded layout against its weights in place and skips the padding rows, instead
+    of a batched matmul over every block against gathered copies of the weights.
     """
 
-    def __init__(self, num_experts: int, hidden: int, intermediate: int, compute_dtype: str = "float32"):
+    def __init__(self, num_experts: int, hidden: int, intermediate: int, compute_dtype: str = "float32",
+                 grouped_kernel: bool = False):
         super().__init__()
         self.num_experts, self.hidden, self.intermediate = num_experts, hidden, intermediate
         self.gate_proj = Parameter(Tensor(np.zeros((num_experts, intermediate, hidden), np.float32)),
@@ -31,15 +36,26 @@ class GroupedExperts(nn.Cell):
         self.silu, self.mul = SiLU(), ops.Mul()
         self.cast_needed = compute_dtype != "float32"
         self.dtype = ms_dtype(compute_dtype)
+        self.grouped = None
+        if grouped_kernel and not self.cast_needed:
+            from .kernels import make_grouped_swiglu
 
-    def construct(self, xs, group_expert=None):
-        """xs [G, M, H] float32, group_expert [G] int32 (the expert of each group) -> [G, M, H] float32.
+            self.grouped = make_grouped_swiglu()
+
+    def construct(self, xs, group_expert=None, tokens_per_expert=None):
+        """xs [G, M, H] float32, group_expert [G] int32 (the expert of each group), tokens_per_expert [E] int32
+        (the real rows of each expert's segment; the grouped kernel needs them) -> [G, M, H] float32.
 
         ``group_expert`` None: group g is expert g (G = E, the expert-major layout), the weights are used as
         they are, so the expert axis can be sharded.
         """
         if group_expert is None:
             return self.expert_ffn(xs, self.gate_proj, self.up_proj, self.down_proj)
+        if self.grouped is not None and tokens_per_expert is not None:
+            g, m, h = xs.shape
+            ys = self.grouped(xs.reshape(g * m, h), group_expert, tokens_per_expert, self.gate_proj, self.up_proj,
+                              self.down_proj)[0]
+            return ys.reshape(g, m, h)
         wg = ops.gather(self.gate_proj, group_expert, 0)
         wu = ops.gather(self.up_proj, group_expert, 0)
         wd = ops.gather(self.down_proj, group_expert, 0)

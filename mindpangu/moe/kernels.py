@@ -63,3 +63,20 @@ def make_row_experts():
     up [S,H], down [H,S]]) -> y [T,H]: the routed SwiGLU experts row by row, reading expert weights in place, plus
     the shared expert when its weights are given (``MoeRowExperts``; cached decode, forward only)."""
     return _custom("MoeRowExperts", lambda x, *rest: x, ms.float32)
+
+
+def make_grouped_swiglu():
+    """(xs [S,H] block-padded rows, block_expert [B] i32, tokens_per_expert [E] i32, gate [E,I,H], up [E,I,H],
+    down [E,H,I]) -> (y [S,H], gate(x) [S,I], up(x) [S,I]): the routed SwiGLU experts over ``MoePermute``'s layout,
+    each expert's rows against its weights in place, padding rows skipped (zero) (``MoeGroupedSwiGLU``,
+    ``ops/cpu/expert_kernels.cc``). The bprop (``MoeGroupedSwiGLUGrad``) gives d xs and the three weight
+    gradients from the saved gate(x) and up(x)."""
+    grad = _custom("MoeGroupedSwiGLUGrad", lambda dy, xs, be, c, wg, wu, wd, g, u: (xs, wg, wu, wd),
+                   (ms.float32, ms.float32, ms.float32, ms.float32))
+
+    def bprop(xs, block_expert, counts, wg, wu, wd, out, dout):
+        dxs, dwg, dwu, dwd = grad(dout[0], xs, block_expert, counts, wg, wu, wd, out[1], out[2])
+        return dxs, ops.zeros_like(block_expert), ops.zeros_like(counts), dwg, dwu, dwd
+
+    return _custom("MoeGroupedSwiGLU", lambda xs, be, c, wg, wu, wd: (xs, (xs[0], wg[1]), (xs[0], wg[1])),
+                   (ms.float32, ms.float32, ms.float32), bprop)

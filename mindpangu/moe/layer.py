@@ -32,7 +32,8 @@ class MoELayer(nn.Cell):
         if self.use_router_scale:
             self.router_scale = Parameter(Tensor(np.ones((1, cfg.num_experts), np.float32)), name="router_scale")
         self.token_dispatcher = build_dispatcher(self.backend, cfg.num_experts, cfg.dispatch_block_size)
-        self.experts = GroupedExperts(cfg.num_experts, hidden, cfg.intermediate_size, compute_dtype)
+        self.experts = GroupedExperts(cfg.num_experts, hidden, cfg.intermediate_size, compute_dtype,
+                                      grouped_kernel=self.backend == "cpu_kernel")
         self.row_experts = None
         if resolve_kernels(decode_backend, "model.decode_backend") == "cpu_kernel" and compute_dtype == "float32":
             from .kernels import make_row_experts
@@ -53,8 +54,9 @@ class MoELayer(nn.Cell):
 
     def routed_experts(self, flat, weights, indices):
         """Tokens [T, H], weights [T, K] float32, indices [T, K] int32 -> sum_k weights * expert_k(token) [T, H]."""
-        xs, group_expert, slot_of_row = self.token_dispatcher.dispatch(flat, indices)
-        return self.token_dispatcher.combine(self.experts(xs, group_expert), weights, slot_of_row)
+        xs, group_expert, slot_of_row, tokens_per_expert = self.token_dispatcher.dispatch(flat, indices)
+        ys = self.experts(xs, group_expert, tokens_per_expert)
+        return self.token_dispatcher.combine(ys, weights, slot_of_row)
 
     def construct(self, x):
         """x [B, S, H] -> (y [B, S, H], (weights, indices, scores, logits, counts))."""

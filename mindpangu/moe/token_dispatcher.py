@@ -3,9 +3,9 @@
 A dispatcher sits between the router and the grouped experts, as in Megatron
 (``megatron/core/transformer/moe/token_dispatcher.py``) and torchtitan (``models/common/token_dispatcher.py``)::
 
-    xs, group_expert, slot_of_row = dispatcher.dispatch(x [T, H], indices [T, K])   # xs [G, M, H]
-    ys = experts(xs, group_expert)                                                  # [G, M, H]
-    y = dispatcher.combine(ys, weights [T, K], slot_of_row)                         # [T, H]
+    xs, group_expert, slot_of_row, tokens_per_expert = dispatcher.dispatch(x [T, H], indices [T, K])  # [G, M, H]
+    ys = experts(xs, group_expert, tokens_per_expert)                                              # [G, M, H]
+    y = dispatcher.combine(ys, weights [T, K], slot_of_row)                                        # [T, H]
 
 Three implementations, chosen by ``moe.dispatch_backend`` when the model is built (:func:`build_dispatcher`):
 
@@ -13,7 +13,8 @@ Three implementations, chosen by ``moe.dispatch_backend`` when the model is buil
   segment; every segment is padded to a multiple of ``block`` rows, so the permuted buffer has the static size
   ``(ceil(R / block) + E) * block`` for R = T * K rows, whatever the routing. Each block (group) belongs to one
   expert. Composite MindSpore ops, any device.
-- ``cpu_kernel`` (:class:`KernelDispatcher`): the same layout from the C++ aot kernels of ``ops/cpu``.
+- ``cpu_kernel`` (:class:`KernelDispatcher`): the same layout from the C++ aot kernels of ``ops/cpu``; the grouped
+  experts then run each expert's rows in place and skip the padding (``MoeGroupedSwiGLU``).
 - ``expert_major`` (:class:`ExpertMajorDispatcher`): an [E, T, H] buffer, one group per expert, so semi-auto
   parallel can shard the expert axis over EP and the redistribution is the dispatch (what ``parallelize``
   needs). It holds E / K times the routed rows.
@@ -111,12 +112,13 @@ class BlockPaddedDispatcher(nn.Cell):
         self.num_experts, self.block = num_experts, block
 
     def dispatch(self, x, indices):
-        """x [T, H], indices [T, K] int32 -> (xs [B, block, H], block_expert [B] int32, slot_of_row [R] int32)."""
+        """x [T, H], indices [T, K] int32 -> (xs [B, block, H], block_expert [B] int32, slot_of_row [R] int32,
+        tokens_per_expert [E] int32)."""
         t, k = indices.shape
         block = self.block if self.block else block_size(t * k, self.num_experts)
-        slot_of_row, row_of_slot, block_expert, _ = permute_plan(indices, self.num_experts, block)
+        slot_of_row, row_of_slot, block_expert, counts = permute_plan(indices, self.num_experts, block)
         xs = _gather_rows(x, row_of_slot, k)
-        return xs.reshape(block_expert.shape[0], block, x.shape[1]), block_expert, slot_of_row
+        return xs.reshape(block_expert.shape[0], block, x.shape[1]), block_expert, slot_of_row, counts
 
     def combine(self, ys, weights, slot_of_row):
         """ys [B, block, H], weights [T, K] float32, slot_of_row [R] -> y [T, H]."""
@@ -133,9 +135,9 @@ class KernelDispatcher(nn.Cell):
 
     def dispatch(self, x, indices):
         """As :meth:`BlockPaddedDispatcher.dispatch`, block size :func:`block_size` of the routed rows."""
-        xs, slot_of_row, block_expert, _ = self.permute(x, indices)
+        xs, slot_of_row, block_expert, counts = self.permute(x, indices)
         blocks = block_expert.shape[0]
-        return xs.reshape(blocks, xs.shape[0] // blocks, x.shape[1]), block_expert, slot_of_row
+        return xs.reshape(blocks, xs.shape[0] // blocks, x.shape[1]), block_expert, slot_of_row, counts
 
     def combine(self, ys, weights, slot_of_row):
         """ys [B, block, H], weights [T, K] float32, slot_of_row [R] -> y [T, H]."""
@@ -153,10 +155,10 @@ class ExpertMajorDispatcher(nn.Cell):
         self.dispatch_rows, self.combine_rows, self.sort = ops.Gather(), ops.Gather(), ops.Sort()
 
     def dispatch(self, x, indices):
-        """x [T, H], indices [T, K] int32 -> (xs [E, T, H], None (group g is expert g), slot_of_row [R] int32)."""
+        """x [T, H], indices [T, K] int32 -> (xs [E, T, H], None (group g is expert g), slot_of_row [R] int32, None)."""
         t, k = indices.shape
         row_of_slot, slot_of_row = expert_major_plan(indices, self.num_experts, t, self.sort)
-        return _gather_rows(x, row_of_slot, k, self.dispatch_rows), None, slot_of_row
+        return _gather_rows(x, row_of_slot, k, self.dispatch_rows), None, slot_of_row, None
 
     def combine(self, ys, weights, slot_of_row):
         """ys [E, T, H], weights [T, K] float32, slot_of_row [R] -> y [T, H]."""
