@@ -24,7 +24,8 @@ from .fsutil import cache_root
 
 _OPS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "ops", "cpu")
 SOURCES = tuple(os.path.join(_OPS, name)
-                for name in ("moe_kernels.cc", "expert_kernels.cc", "norm_kernels.cc", "decode_kernels.cc"))
+                for name in ("moe_kernels.cc", "expert_kernels.cc", "norm_kernels.cc", "softmax_kernels.cc",
+                             "decode_kernels.cc"))
 HEADERS = (os.path.join(_OPS, "parallel_for.h"), os.path.join(_OPS, "dot.h"))
 # the grouped expert kernels call dnnl_sgemm from the oneDNN that MindSpore's CPU backend ships (and loads)
 _MS_LIB = os.path.join(os.path.dirname(os.path.abspath(ms.__file__)), "lib")
@@ -122,6 +123,18 @@ def make_rms_norm():
         return dx, dw, ops.zeros_like(eps)
 
     return custom_op("RmsNorm", lambda x, w, e: (x, x[:-1]), (ms.float32, ms.float32), bprop)
+
+
+def make_causal_softmax():
+    """(scores [..., Q, K] f32, scale [1] f32) -> probs [..., Q, K] f32 = softmax(scale * scores + causal mask) over
+    the last axis, query i seeing keys 0 .. K - Q + i (``ops/cpu/softmax_kernels.cc``); the bprop
+    (``CausalSoftmaxGrad``) gives d scores from the probabilities."""
+    grad = custom_op("CausalSoftmaxGrad", lambda dp, p, s: p, ms.float32)
+
+    def bprop(scores, scale, out, dout):
+        return grad(dout, out, scale), ops.zeros_like(scale)
+
+    return custom_op("CausalSoftmax", lambda s, scale: s, ms.float32, bprop)
 
 
 def eps_tensor(eps: float) -> Tensor:

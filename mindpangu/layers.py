@@ -10,7 +10,7 @@ import mindspore as ms
 from mindspore import Parameter, Tensor, nn, ops
 from mindspore.ops.auto_generate import SiLU
 
-from .kernels import eps_tensor, make_rms_norm, resolve_kernels
+from .kernels import eps_tensor, make_causal_softmax, make_rms_norm, resolve_kernels
 
 _DTYPES = {"float32": ms.float32, "float16": ms.float16, "bfloat16": ms.bfloat16}
 
@@ -167,3 +167,28 @@ def cache_update(cache, entries, index):
 def attention_probs(scores, mask):
     """Softmax over keys of (scores + mask) in float32."""
     return ops.softmax(scores.astype(ms.float32) + mask, -1)
+
+
+class CausalSoftmax(nn.Cell):
+    """Causal attention probabilities: scores [..., Q, K] (the queries are the last Q keys) ->
+    softmax(scale * scores + causal_mask(Q, K)) over the last axis, float32.
+
+    ``backend`` (``model.attention_backend``): 'reference' is the composite (:func:`attention_probs` with
+    :func:`causal_mask`); 'cpu_kernel' one C++ kernel each way (``ops/cpu/softmax_kernels.cc``), which skips the
+    masked keys and replaces MindSpore's softmax backward (a ReduceSum, a Sub and a Mul over the whole tensor);
+    'auto' resolves as ``kernels.resolve_kernels`` says. Raises ValueError for 'cpu_kernel' off CPU.
+    """
+
+    def __init__(self, scale: float, backend: str = "reference"):
+        super().__init__()
+        self.scale = scale
+        self.use_kernel = resolve_kernels(backend, "model.attention_backend") == "cpu_kernel"
+        if self.use_kernel:
+            self.kernel, self.scale_input = make_causal_softmax(), Tensor(np.array([scale], np.float32))
+
+    def construct(self, scores):
+        scores = scores.astype(ms.float32)
+        if self.use_kernel:
+            return self.kernel(scores, self.scale_input)
+        q_len, k_len = scores.shape[-2:]
+        return attention_probs(scores * self.scale, causal_mask(q_len, k_len))

@@ -5,7 +5,7 @@ import mindspore as ms
 
 import mindpangu as mp
 from mindpangu.config import BalanceLossConfig, ExpertBiasConfig, MoEConfig
-from mindpangu.layers import RMSNorm
+from mindpangu.layers import CausalSoftmax, RMSNorm
 from mindpangu.moe import MoELayer, Router, kernel_library
 from mindpangu.train.step import StepRunner
 from conftest import ULTRA_TINY, ROOT
@@ -124,12 +124,12 @@ def test_permute_unpermute_kernels_match_reference(rng, t, e, k, starve):
 @pytest.mark.parametrize("recipe", [ULTRA_TINY, PRO_TINY], ids=["ultra", "pro"])
 def test_training_losses_match_reference(rng, recipe):
     """Five optimizer steps of the tiny model (2 layers) on one batch give the same losses with the composite ops
-    and with the C++ kernels (gating, dispatch and RMSNorm)."""
+    and with the C++ kernels (gating, dispatch, grouped experts, RMSNorm, causal softmax)."""
     losses = {}
     batches = [rng.integers(0, 1024, (4, 33)).astype(np.int32)] * 5
     for backend in ("reference", "cpu_kernel"):
         cfg = mp.load_config(recipe, overrides=["model.num_layers=2", f"model.moe.dispatch_backend={backend}",
-                                                f"model.norm_backend={backend}"])
+                                                f"model.norm_backend={backend}", f"model.attention_backend={backend}"])
         model = mp.build_model(cfg.model, seed=3)
         runner = StepRunner(model, cfg)
         losses[backend] = [runner.run([b], 1e-3)["loss"] for b in batches]
@@ -184,3 +184,26 @@ def test_rms_norm_kernel_matches_reference(rng, shape):
     (gx_ref, (gw_ref,)), (gx_ker, (gw_ker,)) = grads(ref), grads(ker)
     np.testing.assert_allclose(gx_ker.asnumpy(), gx_ref.asnumpy(), rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(gw_ker.asnumpy(), gw_ref.asnumpy(), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("shape", [(7, 7), (2, 3, 16, 16), (2, 2, 3, 5, 9), (1, 4, 1, 6)])
+def test_causal_softmax_kernel_matches_numpy(rng, shape):
+    """The C++ causal softmax against a float64 NumPy softmax with the causal mask written out (queries are the last
+    Q of K keys: query i sees keys 0 .. K - Q + i), forward and d scores under a random probe (the analytic
+    softmax Jacobian in NumPy), and the composite cell on the same inputs."""
+    q, k = shape[-2:]
+    scale = 0.37
+    x = rng.normal(0.0, 3.0, shape).astype(np.float32)
+    seen = np.arange(k)[None, :] <= (k - q + np.arange(q))[:, None]  # [Q, K]
+    z = np.where(seen, x.astype(np.float64) * scale, -np.inf)
+    p = np.exp(z - z.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    probe = rng.normal(size=shape)
+    d_scores = scale * p * (probe - (probe * p).sum(-1, keepdims=True))
+    for backend in ("cpu_kernel", "reference"):
+        cell = CausalSoftmax(scale, backend)
+        assert cell.use_kernel == (backend == "cpu_kernel")
+        np.testing.assert_allclose(cell(ms.Tensor(x)).asnumpy(), p, rtol=1e-5, atol=1e-7)
+        assert not cell(ms.Tensor(x)).asnumpy()[..., ~seen].any()  # masked keys get exactly 0
+        f = lambda xx: (cell(xx) * ms.Tensor(probe.astype(np.float32))).sum()  # noqa: E731
+        np.testing.assert_allclose(ms.grad(f)(ms.Tensor(x)).asnumpy(), d_scores, rtol=1e-4, atol=1e-6)

@@ -74,6 +74,8 @@ CROSS_SECTION_CASES = {
                                    ["model.moe.dispatch_backend=expert_major", "context.device_target=Ascend"]),
     "cpu_kernel_norm_on_cpu": (["model.norm_backend=cpu_kernel", "context.device_target=Ascend"],
                                ["model.norm_backend=reference", "context.device_target=Ascend"]),
+    "cpu_kernel_attention_on_cpu": (["model.attention_backend=cpu_kernel", "context.device_target=Ascend"],
+                                    ["model.attention_backend=reference", "context.device_target=Ascend"]),
     "cpu_kernel_decode_on_cpu": (["model.decode_backend=cpu_kernel", "context.device_target=Ascend"],
                                  ["model.decode_backend=reference", "context.device_target=Ascend"]),
     "ascend_dispatch_on_ascend": (["model.moe.dispatch_backend=ascend"],

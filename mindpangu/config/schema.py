@@ -171,6 +171,13 @@ class ModelConfig(Section):
                                        "(ops/cpu/norm_kernels.cc, CPU). auto: cpu_kernel on CPU when it builds "
                                        "and no semi-auto parallel context is set, else reference.",
                                choices=("auto", "reference", "cpu_kernel"))
+    attention_backend: str = option("auto", "Causal softmax of the attention in training and prefill (the "
+                                            "cached decode is decode_backend's). reference: composite MindSpore "
+                                            "ops (any device; what parallel layouts shard). cpu_kernel: one C++ "
+                                            "aot kernel each way (ops/cpu/softmax_kernels.cc, CPU). auto: "
+                                            "cpu_kernel on CPU when it builds and no semi-auto parallel context "
+                                            "is set, else reference.",
+                                    choices=("auto", "reference", "cpu_kernel"))
     decode_backend: str = option("auto", "Cached decode (serving) implementation of each layer's attention and "
                                          "routed experts; training is unaffected. reference: composite MindSpore "
                                          "ops (any device). cpu_kernel: one C++ aot kernel each "
@@ -448,6 +455,10 @@ CONSTRAINTS: Tuple[Constraint, ...] = (
     Constraint("cpu_kernel_norm_on_cpu", "model.norm_backend", ("context.device_target",),
                lambda c: f"the C++ kernels of ops/cpu run on CPU only, not on {c.context.device_target}"
                if c.model.norm_backend == "cpu_kernel" and c.context.device_target != "CPU" else None,
+               lambda c: "auto | reference"),
+    Constraint("cpu_kernel_attention_on_cpu", "model.attention_backend", ("context.device_target",),
+               lambda c: f"the C++ kernels of ops/cpu run on CPU only, not on {c.context.device_target}"
+               if c.model.attention_backend == "cpu_kernel" and c.context.device_target != "CPU" else None,
                lambda c: "auto | reference"),
     Constraint("cpu_kernel_decode_on_cpu", "model.decode_backend", ("context.device_target",),
                lambda c: f"the C++ kernels of ops/cpu run on CPU only, not on {c.context.device_target}"

@@ -29,15 +29,15 @@ DYNAMIC_BLOCK = 8  # dispatch rows per expert block in dynamic-shape graphs (pre
 def with_backend(model, backend: str, fixed_block: int = 0):
     """The same model (same weights) rebuilt with ``moe.dispatch_backend = backend`` and
     ``moe.dispatch_block_size = fixed_block`` (> 0: a fixed dispatch block size, which dynamic shapes need);
-    backend 'reference' also sets ``norm_backend`` and ``decode_backend`` to 'reference', so the graph holds no C++
-    kernel."""
+    backend 'reference' also sets ``norm_backend``, ``attention_backend`` and ``decode_backend`` to 'reference', so
+    the graph holds no C++ kernel."""
     from ..convert.hf import assign
     from ..models import build_model
 
     cfg = copy.deepcopy(model.config)
     cfg.moe.dispatch_backend, cfg.moe.dispatch_block_size = backend, fixed_block
     if backend == "reference":
-        cfg.norm_backend = cfg.decode_backend = "reference"
+        cfg.norm_backend = cfg.attention_backend = cfg.decode_backend = "reference"
     twin = build_model(cfg, init=False)
     assign(twin, {p.name: p.asnumpy() for p in model.get_parameters()}, "the exported model")
     return twin
@@ -171,6 +171,7 @@ def export_for_serving(model, out_dir: str, max_len: int, tokenizer: str = "", s
     bytes_per = kv_cache_bytes_per_token(cfg, 4)
     backend = resolve_backend(cfg.moe.dispatch_backend)
     uses_kernels = "cpu_kernel" in (resolve_kernels(cfg.norm_backend, "model.norm_backend"), backend,
+                                    resolve_kernels(cfg.attention_backend, "model.attention_backend"),
                                     resolve_kernels(cfg.decode_backend, "model.decode_backend"))
     manifest = {
         "format": FORMAT,

@@ -12,7 +12,7 @@ from mindspore import Tensor, nn, ops
 
 from ..config.schema import ModelConfig
 from ..kernels import make_gqa_decode, resolve_kernels
-from ..layers import Linear, Rotary, attention_probs, cache_update, causal_mask, positions_mask
+from ..layers import CausalSoftmax, Linear, Rotary, attention_probs, cache_update, positions_mask
 from .decoder import CausalLM
 
 
@@ -31,6 +31,7 @@ class GQAttention(nn.Cell):
         self.o_proj = Linear(self.n_heads * self.head_dim, h, bias, dt)
         self.rotary = Rotary(self.head_dim, cfg.max_position_embeddings, cfg.rope_theta, cfg.rope_interleave)
         self.scale = self.head_dim ** -0.5
+        self.causal_softmax = CausalSoftmax(self.scale, cfg.attention_backend)
 
         self.cache_width = 2 * self.kv_heads * self.head_dim  # roped K then V, per token
         self.decode_kernel = resolve_kernels(cfg.decode_backend, "model.decode_backend") == "cpu_kernel"
@@ -48,11 +49,13 @@ class GQAttention(nn.Cell):
         v = self.v_proj(x).reshape(b, s, kv, d).transpose(0, 2, 1, 3)
         return q.reshape(b, kv, self.n_heads // kv, s, d), k, v  # query head i uses key/value head i // rep
 
-    def attend(self, q, k, v, mask):
-        """q [B, kv, rep, Q, d], k/v [B, kv, K, d], additive mask broadcasting to [B, kv, rep, Q, K] -> [B, Q, H]."""
+    def attend(self, q, k, v, mask=None):
+        """q [B, kv, rep, Q, d], k/v [B, kv, K, d], additive mask broadcasting to [B, kv, rep, Q, K] (None: causal)
+        -> [B, Q, H]."""
         b, kv, _, q_len, d = q.shape
-        scores = ops.matmul(q, k.expand_dims(2).transpose(0, 1, 2, 4, 3)) * self.scale
-        out = ops.matmul(attention_probs(scores, mask), v.expand_dims(2)).reshape(b, self.n_heads, q_len, d)
+        scores = ops.matmul(q, k.expand_dims(2).transpose(0, 1, 2, 4, 3))
+        probs = self.causal_softmax(scores) if mask is None else attention_probs(scores * self.scale, mask)
+        out = ops.matmul(probs, v.expand_dims(2)).reshape(b, self.n_heads, q_len, d)
         return self.o_proj(out.transpose(0, 2, 1, 3).reshape(b, q_len, self.n_heads * d))
 
     def construct(self, x):
@@ -63,7 +66,7 @@ class GQAttention(nn.Cell):
         b, s, _ = x.shape
         q, k, v = self.project(x, ops.arange(0, s))
         entries = ops.concat((k.transpose(0, 2, 1, 3).reshape(b, s, -1), v.transpose(0, 2, 1, 3).reshape(b, s, -1)), -1)
-        return self.attend(q, k, v, causal_mask(s, s)), entries
+        return self.attend(q, k, v), entries
 
     def decode(self, x, positions, cache, index):
         """x [B, Q, H] at ``positions [B, Q]``; ``cache`` the K/V cache Parameter [B * M, 2 * kv * d], written in

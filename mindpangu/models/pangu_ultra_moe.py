@@ -12,7 +12,7 @@ from mindspore import Tensor, nn, ops
 
 from ..config.schema import ModelConfig
 from ..kernels import make_mla_decode, resolve_kernels
-from ..layers import Linear, RMSNorm, Rotary, attention_probs, cache_update, causal_mask, positions_mask
+from ..layers import CausalSoftmax, Linear, RMSNorm, Rotary, attention_probs, cache_update, positions_mask
 from .decoder import CausalLM
 
 
@@ -39,6 +39,7 @@ class MLAttention(nn.Cell):
         self.o_proj = Linear(n * self.v_dim, h, cfg.attention_bias, dt)
         self.rotary = Rotary(self.rope_dim, cfg.max_position_embeddings, cfg.rope_theta, cfg.rope_interleave)
         self.scale = (self.nope + self.rope_dim) ** -0.5
+        self.causal_softmax = CausalSoftmax(self.scale, cfg.attention_backend)
 
         self.cache_width = self.kv_rank + self.rope_dim  # the latent cache: kv_lora_rank + rope dims per token
         self.decode_kernel = resolve_kernels(cfg.decode_backend, "model.decode_backend") == "cpu_kernel"
@@ -73,7 +74,7 @@ class MLAttention(nn.Cell):
         kv = self.kv_b_proj(c).reshape(b, s, n, self.nope + self.v_dim).transpose(0, 2, 1, 3)
         k_nope, v = kv[..., : self.nope], kv[..., self.nope:]
         scores = ops.matmul(q_nope, k_nope.transpose(0, 1, 3, 2)) + ops.matmul(q_pe, k_pe.transpose(0, 1, 3, 2))
-        probs = attention_probs(scores * self.scale, causal_mask(s, s))
+        probs = self.causal_softmax(scores)
         out = ops.matmul(probs, v).transpose(0, 2, 1, 3).reshape(b, s, n * self.v_dim)
         return self.o_proj(out), ops.concat((c, k_pe.reshape(b, s, self.rope_dim)), -1)
 

@@ -26,7 +26,7 @@ from typing import Dict, Iterator, List, Tuple
 from mindspore import nn
 
 from ..config.schema import TrainConfig
-from ..layers import Embedding, Linear, RMSNorm, SwiGLU
+from ..layers import CausalSoftmax, Embedding, Linear, RMSNorm, SwiGLU
 from ..moe import ExpertMajorDispatcher, GroupedExperts, MoELayer, Router
 from .plan import Layout, ParallelConfigError, check_layout, stage_plan
 
@@ -201,6 +201,10 @@ def parallelize(model: nn.Cell, cfg: TrainConfig) -> nn.Cell:
             _shard_linear(name, cell, d)
         elif isinstance(cell, RMSNorm):
             _shard_norm(name, cell, d)
+        elif isinstance(cell, CausalSoftmax) and cell.use_kernel:
+            raise ValueError(f"parallelize: {name} was built with the C++ causal softmax kernel; parallel layouts "
+                             "shard the composite ops: set model.attention_backend to 'reference' (or 'auto' under "
+                             "a semi-auto parallel context)")
         elif isinstance(cell, SwiGLU):
             cell.silu.shard(((d.dp, 1, d.tp),))  # [B, S, intermediate]
             cell.mul.shard(((d.dp, 1, d.tp), (d.dp, 1, d.tp)))

@@ -126,7 +126,7 @@ def _worker(config: str, rank: int, out_dir: str, overrides: List[str]) -> None:
     strategy_file = os.path.join(out_dir, f"strategy_rank{rank}.ckpt")
     ms.set_auto_parallel_context(**auto_parallel_context(cfg), strategy_ckpt_config={"save_file": strategy_file})
     cfg.model.moe.dispatch_backend = "expert_major"  # the dispatcher and norms parallelize shards
-    cfg.model.norm_backend = "reference"
+    cfg.model.norm_backend = cfg.model.attention_backend = "reference"
     notes = []
     if cfg.parallel_config.pipeline_stage > 1 and cfg.model.moe.balance_loss.type != "none":
         # LossNet pools every layer's router outputs at the end; across pipeline stages MindSpore's compiler
