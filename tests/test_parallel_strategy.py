@@ -21,7 +21,8 @@ LAYOUTS = {
                              "parallel_config.expert_parallel=2", "parallel_config.vocab_emb_dp=false"],
 }
 SMALL = ["model.num_layers=2", "runner_config.batch_size=2", "train_dataset.seq_length=16"]
-PARALLEL = ["model.moe.dispatch_backend=expert_major", "model.norm_backend=reference"]  # what parallelize shards
+PARALLEL = ["model.moe.dispatch_backend=expert_major", "model.norm_backend=reference",  # what parallelize shards
+            "model.attention_backend=reference"]
 
 
 def _config(model, layout):
@@ -79,16 +80,21 @@ def test_strategy_check_catches_bad_strategies():
 
 def test_parallelize_refuses_a_dispatcher_it_cannot_shard():
     cfg = mp.load_config(TINY["ultra"], overrides=SMALL + LAYOUTS["dp4_tp2_ep4_sp"] +
-                         ["model.moe.dispatch_backend=reference", "model.norm_backend=reference"])
+                         ["model.moe.dispatch_backend=reference", "model.norm_backend=reference",
+                          "model.attention_backend=reference"])
     with pytest.raises(ValueError, match="model.layers.1.mlp was built with the 'reference' token dispatcher"):
         parallelize(mp.build_model(cfg.model, seed=3), cfg)
     cfg = mp.load_config(TINY["ultra"], overrides=SMALL + LAYOUTS["dp4_tp2_ep4_sp"] +
-                         ["model.moe.dispatch_backend=expert_major", "model.norm_backend=cpu_kernel"])
+                         ["model.moe.dispatch_backend=expert_major", "model.norm_backend=cpu_kernel",
+                          "model.attention_backend=reference"])
     with pytest.raises(ValueError, match="was built with the C\\+\\+ RMSNorm kernel"):
         parallelize(mp.build_model(cfg.model, seed=3), cfg)
+    cfg = mp.load_config(TINY["ultra"], overrides=SMALL + LAYOUTS["dp4_tp2_ep4_sp"] + PARALLEL[:2] +
+                         ["model.attention_backend=cpu_kernel"])
+    with pytest.raises(ValueError, match="self_attn.causal_softmax was built with the C\\+\\+ causal softmax kernel"):
+        parallelize(mp.build_model(cfg.model, seed=3), cfg)
     cfg = mp.load_config(TINY["ultra"], overrides=SMALL + LAYOUTS["dp4_tp2_ep4_sp"] +
-                         ["model.moe.dispatch_backend=expert_major", "model.norm_backend=reference",
-                          "model.moe.capacity_factor=1.25"])
+                         PARALLEL + ["model.moe.capacity_factor=1.25"])
     with pytest.raises(ValueError, match="model.layers.1.mlp drops tokens"):
         parallelize(mp.build_model(cfg.model, seed=3), cfg)
 
