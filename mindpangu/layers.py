@@ -134,8 +134,39 @@ class SwiGLU(nn.Cell):
         return self.down_proj(self.mul(self.silu(self.gate_proj(x)), self.up_proj(x)))
 
 
-def causal_mask(q_len: int, k_len: int):
-    """Additive mask [q_len, k_len]: 0 where key j <= query i (the queries are the last q_len keys), -1e9 above."""
+# Index constants (positions, the causal mask, dispatch offsets). With static shapes they are made with NumPy while
+# compiling (``ops.constexpr``): MindSpore 2.10's interleaved-pipeline compiler (``pipeline_interleave`` with
+# ``lazy_inline``) fails with "BUG: no manager for this func graph" on a pipelined layer holding an op whose inputs
+# are all constants made in the graph (ops.arange, ``ops.ones(n) * 2``, a comparison of two aranges). A graph with
+# dynamic shapes (``model.dynamic_shapes``, the MindIR prefill) computes them with ops. Cells pick the function when
+# they are built (an ``if`` inside the graph would be control flow, which lazy_inline cells may not hold).
+
+
+@ops.constexpr
+def _static_range(start: int, end: int, step: int, shape: tuple):
+    return Tensor(np.arange(start, end, step, dtype=np.int32).reshape(shape))
+
+
+def static_range(start: int, end: int, step: int = 1, shape: tuple = (-1,)):
+    """int32 [start, start + step, ... < end] reshaped to ``shape``, a compile-time constant."""
+    return _static_range(start, end, step, shape)  # (a constexpr takes positional arguments only)
+
+
+def dynamic_range(start, end, step: int = 1, shape: tuple = (-1,)):
+    """:func:`static_range` for bounds known only at run time (ops)."""
+    return ops.arange(start, end, step).astype(ms.int32).reshape(shape)
+
+
+@ops.constexpr
+def static_causal_mask(q_len: int, k_len: int):
+    """Additive mask [q_len, k_len] float32: 0 where key j <= query i (the queries are the last q_len keys), -1e9
+    above; a compile-time constant."""
+    q = np.arange(k_len - q_len, k_len).reshape(q_len, 1)
+    return Tensor(np.where(np.arange(k_len).reshape(1, k_len) > q, -1e9, 0.0).astype(np.float32))
+
+
+def dynamic_causal_mask(q_len, k_len):
+    """:func:`static_causal_mask` for lengths known only at run time (ops)."""
     q = ops.arange(k_len - q_len, k_len).reshape(q_len, 1)
     k = ops.arange(0, k_len).reshape(1, k_len)
     return ops.cast(k > q, ms.float32) * -1e9
@@ -171,17 +202,19 @@ def attention_probs(scores, mask):
 
 class CausalSoftmax(nn.Cell):
     """Causal attention probabilities: scores [..., Q, K] (the queries are the last Q keys) ->
-    softmax(scale * scores + causal_mask(Q, K)) over the last axis, float32.
+    softmax(scale * scores + static_causal_mask(Q, K)) over the last axis, float32.
 
     ``backend`` (``model.attention_backend``): 'reference' is the composite (:func:`attention_probs` with
-    :func:`causal_mask`); 'cpu_kernel' one C++ kernel each way (``ops/cpu/softmax_kernels.cc``), which skips the
+    :func:`static_causal_mask`); 'cpu_kernel' one C++ kernel each way (``ops/cpu/softmax_kernels.cc``), which skips the
     masked keys and replaces MindSpore's softmax backward (a ReduceSum, a Sub and a Mul over the whole tensor);
-    'auto' resolves as ``kernels.resolve_kernels`` says. Raises ValueError for 'cpu_kernel' off CPU.
+    'auto' resolves as ``kernels.resolve_kernels`` says. ``dynamic``: Q and K are only known at run time
+    (``model.dynamic_shapes``). Raises ValueError for 'cpu_kernel' off CPU.
     """
 
-    def __init__(self, scale: float, backend: str = "reference"):
+    def __init__(self, scale: float, backend: str = "reference", dynamic: bool = False):
         super().__init__()
         self.scale = scale
+        self.causal_mask = dynamic_causal_mask if dynamic else static_causal_mask
         self.use_kernel = resolve_kernels(backend, "model.attention_backend") == "cpu_kernel"
         if self.use_kernel:
             self.kernel, self.scale_input = make_causal_softmax(), Tensor(np.array([scale], np.float32))
@@ -191,4 +224,4 @@ class CausalSoftmax(nn.Cell):
         if self.use_kernel:
             return self.kernel(scores, self.scale_input)
         q_len, k_len = scores.shape[-2:]
-        return attention_probs(scores * self.scale, causal_mask(q_len, k_len))
+        return attention_probs(scores * self.scale, self.causal_mask(q_len, k_len))

@@ -186,6 +186,11 @@ class ModelConfig(Section):
                                          "cpu_kernel on CPU when it builds and no semi-auto parallel context is "
                                          "set, else reference.",
                                  choices=("auto", "reference", "cpu_kernel"))
+    dynamic_shapes: bool = option(False, "Build the graphs for a batch and sequence length known only at run time "
+                                         "(the MindIR prefill export sets it): positions, the causal mask and "
+                                         "the dispatch offsets are computed by ops instead of folded into "
+                                         "constants while compiling; the reference dispatcher then needs a fixed "
+                                         "moe.dispatch_block_size.")
     norm_layout: str = option("dssn", "pre_ln: 2 RMSNorms per layer. sandwich: 4 (input, post-attention output, "
                                       "pre-MLP, post-MLP output). dssn: sandwich with the post-norm gamma "
                                       "initialised to c/sqrt(L).", choices=("pre_ln", "sandwich", "dssn"))

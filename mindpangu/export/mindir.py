@@ -26,16 +26,18 @@ from ..moe import resolve_backend
 DYNAMIC_BLOCK = 8  # dispatch rows per expert block in dynamic-shape graphs (prefill): little padding for short prompts
 
 
-def with_backend(model, backend: str, fixed_block: int = 0):
-    """The same model (same weights) rebuilt with ``moe.dispatch_backend = backend`` and
-    ``moe.dispatch_block_size = fixed_block`` (> 0: a fixed dispatch block size, which dynamic shapes need);
-    backend 'reference' also sets ``norm_backend``, ``attention_backend`` and ``decode_backend`` to 'reference', so
-    the graph holds no C++ kernel."""
+def with_backend(model, backend: str, dynamic: bool = False):
+    """The same model (same weights) rebuilt with ``moe.dispatch_backend = backend``; backend 'reference' also sets
+    ``norm_backend``, ``attention_backend`` and ``decode_backend`` to 'reference', so the graph holds no C++
+    kernel. ``dynamic``: for inputs of dynamic batch and length (``model.dynamic_shapes``, with the fixed dispatch
+    block ``DYNAMIC_BLOCK``)."""
     from ..convert.hf import assign
     from ..models import build_model
 
     cfg = copy.deepcopy(model.config)
-    cfg.moe.dispatch_backend, cfg.moe.dispatch_block_size = backend, fixed_block
+    cfg.moe.dispatch_backend = backend
+    cfg.moe.dispatch_block_size = DYNAMIC_BLOCK if dynamic else 0
+    cfg.dynamic_shapes = dynamic
     if backend == "reference":
         cfg.norm_backend = cfg.attention_backend = cfg.decode_backend = "reference"
     twin = build_model(cfg, init=False)
@@ -52,7 +54,7 @@ def export_mindir(model, path: str, batch: Optional[int] = None, seq: Optional[i
     dynamic = batch is None or seq is None
     backend = resolve_backend(model.config.moe.dispatch_backend)
     if dynamic:
-        model, backend = with_backend(model, "reference", DYNAMIC_BLOCK), "reference"
+        model, backend = with_backend(model, "reference", dynamic=True), "reference"
         example = ms.Tensor(shape=[batch, seq], dtype=ms.int32)
     else:
         example = ms.Tensor(np.zeros((batch, seq), np.int32))
@@ -84,7 +86,7 @@ def serving_cells(model, max_len: int, batch_sizes: Sequence[int] = (1,)):
     caches inside as Parameters of length ``max_len``, and the model's own backends (C++ kernels on CPU)."""
     from ..inference.steps import DecodeStep, PrefillStep
 
-    prefill = PrefillStep(with_backend(model, "reference", DYNAMIC_BLOCK))
+    prefill = PrefillStep(with_backend(model, "reference", dynamic=True))
     prefill.set_inputs(ms.Tensor(shape=[None, None], dtype=ms.int32), ms.Tensor(shape=[None], dtype=ms.int32))
     return prefill, {b: DecodeStep(model, b, max_len) for b in batch_sizes}
 

@@ -28,7 +28,7 @@ class DecoderLayer(nn.Cell):
             self.post_mlp_layernorm = RMSNorm(h, eps, cfg.norm_backend)
         self.is_moe = layer_index >= cfg.first_k_dense_replace
         if self.is_moe:
-            self.mlp = MoELayer(h, cfg.moe, cfg.compute_dtype, shared_name, cfg.decode_backend)
+            self.mlp = MoELayer(h, cfg.moe, cfg.compute_dtype, shared_name, cfg.decode_backend, cfg.dynamic_shapes)
         else:
             self.mlp = SwiGLU(h, cfg.intermediate_size, cfg.compute_dtype)
 

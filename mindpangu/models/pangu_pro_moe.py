@@ -12,7 +12,8 @@ from mindspore import Tensor, nn, ops
 
 from ..config.schema import ModelConfig
 from ..kernels import make_gqa_decode, resolve_kernels
-from ..layers import CausalSoftmax, Linear, Rotary, attention_probs, cache_update, positions_mask
+from ..layers import (CausalSoftmax, Linear, Rotary, attention_probs, cache_update, dynamic_range, positions_mask,
+                      static_range)
 from .decoder import CausalLM
 
 
@@ -31,7 +32,8 @@ class GQAttention(nn.Cell):
         self.o_proj = Linear(self.n_heads * self.head_dim, h, bias, dt)
         self.rotary = Rotary(self.head_dim, cfg.max_position_embeddings, cfg.rope_theta, cfg.rope_interleave)
         self.scale = self.head_dim ** -0.5
-        self.causal_softmax = CausalSoftmax(self.scale, cfg.attention_backend)
+        self.index_range = dynamic_range if cfg.dynamic_shapes else static_range
+        self.causal_softmax = CausalSoftmax(self.scale, cfg.attention_backend, cfg.dynamic_shapes)
 
         self.cache_width = 2 * self.kv_heads * self.head_dim  # roped K then V, per token
         self.decode_kernel = resolve_kernels(cfg.decode_backend, "model.decode_backend") == "cpu_kernel"
@@ -64,7 +66,7 @@ class GQAttention(nn.Cell):
     def prefill(self, x):
         """Causal attention over x [B, S, H] -> (output [B, S, H], cache entries [B, S, 2 * kv * d])."""
         b, s, _ = x.shape
-        q, k, v = self.project(x, ops.arange(0, s))
+        q, k, v = self.project(x, self.index_range(0, s))
         entries = ops.concat((k.transpose(0, 2, 1, 3).reshape(b, s, -1), v.transpose(0, 2, 1, 3).reshape(b, s, -1)), -1)
         return self.attend(q, k, v), entries
 

@@ -12,7 +12,8 @@ from mindspore import Tensor, nn, ops
 
 from ..config.schema import ModelConfig
 from ..kernels import make_mla_decode, resolve_kernels
-from ..layers import CausalSoftmax, Linear, RMSNorm, Rotary, attention_probs, cache_update, positions_mask
+from ..layers import (CausalSoftmax, Linear, RMSNorm, Rotary, attention_probs, cache_update, dynamic_range,
+                      positions_mask, static_range)
 from .decoder import CausalLM
 
 
@@ -39,7 +40,8 @@ class MLAttention(nn.Cell):
         self.o_proj = Linear(n * self.v_dim, h, cfg.attention_bias, dt)
         self.rotary = Rotary(self.rope_dim, cfg.max_position_embeddings, cfg.rope_theta, cfg.rope_interleave)
         self.scale = (self.nope + self.rope_dim) ** -0.5
-        self.causal_softmax = CausalSoftmax(self.scale, cfg.attention_backend)
+        self.index_range = dynamic_range if cfg.dynamic_shapes else static_range
+        self.causal_softmax = CausalSoftmax(self.scale, cfg.attention_backend, cfg.dynamic_shapes)
 
         self.cache_width = self.kv_rank + self.rope_dim  # the latent cache: kv_lora_rank + rope dims per token
         self.decode_kernel = resolve_kernels(cfg.decode_backend, "model.decode_backend") == "cpu_kernel"
@@ -69,7 +71,7 @@ class MLAttention(nn.Cell):
         """Causal attention over x [B, S, H] -> (output [B, S, H], cache entries [B, S, kv_rank + rope])."""
         b, s, _ = x.shape
         n = self.n_heads
-        positions = ops.arange(0, s)
+        positions = self.index_range(0, s)
         q_nope, q_pe, c, k_pe = self.project(x, positions)
         kv = self.kv_b_proj(c).reshape(b, s, n, self.nope + self.v_dim).transpose(0, 2, 1, 3)
         k_nope, v = kv[..., : self.nope], kv[..., self.nope:]

@@ -19,11 +19,12 @@ class MoELayer(nn.Cell):
 
     ``shared_name`` is the attribute holding the shared expert: ``shared_experts`` (DeepSeek / openPangu Ultra
     MoE) or ``shared_expert`` (Pangu Pro MoE). ``decode_backend`` (``model.decode_backend``) picks how
-    :meth:`decode` runs the routed experts.
+    :meth:`decode` runs the routed experts. ``dynamic``: token counts known only at run time
+    (``model.dynamic_shapes``).
     """
 
     def __init__(self, hidden: int, cfg: MoEConfig, compute_dtype: str = "float32",
-                 shared_name: str = "shared_experts", decode_backend: str = "reference"):
+                 shared_name: str = "shared_experts", decode_backend: str = "reference", dynamic: bool = False):
         super().__init__()
         self.hidden = hidden
         self.backend = resolve_backend(cfg.dispatch_backend)
@@ -31,7 +32,7 @@ class MoELayer(nn.Cell):
         self.use_router_scale = cfg.router_scale
         if self.use_router_scale:
             self.router_scale = Parameter(Tensor(np.ones((1, cfg.num_experts), np.float32)), name="router_scale")
-        self.token_dispatcher = build_dispatcher(self.backend, cfg.num_experts, cfg.dispatch_block_size)
+        self.token_dispatcher = build_dispatcher(self.backend, cfg.num_experts, cfg.dispatch_block_size, dynamic)
         self.experts = GroupedExperts(cfg.num_experts, hidden, cfg.intermediate_size, compute_dtype,
                                       grouped_kernel=self.backend == "cpu_kernel")
         self.row_experts = None

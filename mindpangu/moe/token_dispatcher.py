@@ -27,6 +27,7 @@ import mindspore as ms
 from mindspore import Tensor, nn, ops
 
 from ..kernels import resolve_kernels, semi_auto_parallel
+from ..layers import dynamic_range, static_range
 from .kernels import make_permute, make_unpermute
 
 
@@ -46,8 +47,8 @@ def expert_ranks(indices, num_experts: int):
     return flat, counts, rank
 
 
-def permute_plan(indices, num_experts: int, block: int):
-    """Where every routed row goes.
+def permute_plan(indices, num_experts: int, block: int, index_range=static_range):
+    """Where every routed row goes (``index_range``: ``layers.dynamic_range`` when T is known only at run time).
 
     indices [T, K] int32 -> (slot_of_row [R] int32, row_of_slot [S] int32 with R marking padding,
     block_expert [S / block] int32, counts [E] int32). Rows keep token order inside each expert (stable).
@@ -60,12 +61,18 @@ def permute_plan(indices, num_experts: int, block: int):
     slot_of_row = ops.gather(pad_start, flat, 0) + rank
     num_blocks = -(-rows // block) + num_experts
     slots = num_blocks * block
-    row_ids = ops.arange(0, rows).astype(ms.int32)
-    row_of_slot = ops.scatter_nd(slot_of_row.reshape(rows, 1), row_ids - rows, (slots,)) + rows
-    block_start = (ops.arange(0, num_blocks) * block).astype(ms.int32).reshape(num_blocks, 1)
+    row_of_slot = ops.scatter_nd(slot_of_row.reshape(rows, 1), index_range(-rows, 0), (slots,)) + rows
+    block_start = index_range(0, slots, block, (num_blocks, 1))
     block_expert = (block_start >= pad_end.reshape(1, num_experts)).astype(ms.int32).sum(1)
     block_expert = ops.minimum(block_expert, num_experts - 1)
     return slot_of_row, row_of_slot, block_expert, counts
+
+
+def token_positions(indices):
+    """indices [T, K] int32 -> 0, 1, ..., T-1 [T] int32, as a running count over the tokens rather than a constant:
+    under semi-auto parallel, a constant operand here (e.g. ``layers.static_range``) made MindSpore 2.10's
+    interleaved-pipeline compiler fail ("no manager for this func graph")."""
+    return ops.cumsum(ops.cast(indices[:, 0] >= 0, ms.int32), 0) - 1
 
 
 def expert_major_plan(indices, num_experts: int, capacity: int, sort):
@@ -78,14 +85,16 @@ def expert_major_plan(indices, num_experts: int, capacity: int, sort):
     rows = indices.shape[0] * indices.shape[1]
     flat, counts, rank = expert_ranks(indices, num_experts)
     slot_of_row = flat * capacity + rank
-    row_ids = ops.arange(0, rows).astype(ms.int32)
-    _, by_expert = sort(flat * rows + row_ids)  # rows grouped by expert, token order inside each
-    start = (ops.cumsum(counts, 0) - counts).reshape(num_experts, 1)
-    column = ops.arange(0, capacity).astype(ms.int32).reshape(1, capacity)
+    start = ops.cumsum(counts, 0) - counts  # [E] where each expert's rows begin, grouped by expert
+    # each row's place in that order is distinct, so sorting it is stable (rows of one expert stay in token order)
+    # without a row-id constant in the key, which semi-auto parallel would slice as an op on a constant alone
+    _, by_expert = sort(ops.gather(start, flat, 0) + rank)
+    start = start.reshape(num_experts, 1)
+    column = token_positions(indices)[:capacity].reshape(1, capacity)
     filled = column < counts.reshape(num_experts, 1)
     position = ops.minimum(start + column, rows - 1)
     row_of_slot = ops.gather(by_expert.astype(ms.int32), position, 0)
-    return ops.select(filled, row_of_slot, ops.full_like(row_of_slot, rows)), slot_of_row
+    return ops.masked_fill(row_of_slot, ops.logical_not(filled), rows), slot_of_row
 
 
 def _gather_rows(x, row_of_slot, k: int, gather_rows=ops.gather):
@@ -107,16 +116,17 @@ class BlockPaddedDispatcher(nn.Cell):
     """Composite-op dispatch into expert-segment blocks of ``block`` rows (``block`` 0: :func:`block_size` of the
     routed rows; dynamic-shape graphs need a fixed size). Groups are blocks: xs [S / block, block, H]."""
 
-    def __init__(self, num_experts: int, block: int = 0):
+    def __init__(self, num_experts: int, block: int = 0, dynamic: bool = False):
         super().__init__()
         self.num_experts, self.block = num_experts, block
+        self.index_range = dynamic_range if dynamic else static_range
 
     def dispatch(self, x, indices):
         """x [T, H], indices [T, K] int32 -> (xs [B, block, H], block_expert [B] int32, slot_of_row [R] int32,
         tokens_per_expert [E] int32)."""
         t, k = indices.shape
         block = self.block if self.block else block_size(t * k, self.num_experts)
-        slot_of_row, row_of_slot, block_expert, counts = permute_plan(indices, self.num_experts, block)
+        slot_of_row, row_of_slot, block_expert, counts = permute_plan(indices, self.num_experts, block, self.index_range)
         xs = _gather_rows(x, row_of_slot, k)
         return xs.reshape(block_expert.shape[0], block, x.shape[1]), block_expert, slot_of_row, counts
 
@@ -183,11 +193,12 @@ def resolve_backend(requested: str) -> str:
     return resolve_kernels(requested, "moe.dispatch_backend")
 
 
-def build_dispatcher(backend: str, num_experts: int, block: int = 0):
+def build_dispatcher(backend: str, num_experts: int, block: int = 0, dynamic: bool = False):
     """The dispatcher cell of a resolved ``backend`` (see :func:`resolve_backend`); ``block`` > 0 fixes the
-    reference layout's block size (the config allows it with 'reference' only)."""
+    reference layout's block size (the config allows it with 'reference' only); ``dynamic``: token counts known
+    only at run time (``model.dynamic_shapes``; the reference layout only)."""
     if backend == "cpu_kernel":
         return KernelDispatcher(num_experts)
     if backend == "expert_major":
         return ExpertMajorDispatcher(num_experts)
-    return BlockPaddedDispatcher(num_experts, block)
+    return BlockPaddedDispatcher(num_experts, block, dynamic)

@@ -74,7 +74,7 @@ def load_latest(root: str) -> Optional[Tuple[str, Dict, Dict[str, np.ndarray]]]:
 
 # how the MoE layers compute, not what the weights are: a checkpoint loads under any of them
 IMPLEMENTATION_KEYS = ("model.moe.dispatch_backend", "model.moe.dispatch_block_size", "model.norm_backend",
-                       "model.attention_backend", "model.decode_backend")
+                       "model.attention_backend", "model.decode_backend", "model.dynamic_shapes")
 
 
 def config_differences(saved: Dict, current: Dict, prefix: str = "model") -> List[str]:
