@@ -471,8 +471,6 @@ def sim_compile_main(argv=None):
         print(f"{args.config} {r.layout} rank {r.rank} (stage {r.stage}): compiled in {r.seconds:.1f} s, "
               f"{len(r.slices)} parameters on this rank, {r.strategies} operator strategies in "
               f"{r.strategy_file}; slices vs prediction: {verdict}")
-        for note in r.notes:
-            print(f"  note: {note}")
         for line in r.mismatches:
             print(f"  {line}")
         if args.show:

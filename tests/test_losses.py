@@ -133,3 +133,60 @@ def test_expert_bias_update_rule(rng):
     accum[0].set_data(ms.Tensor(np.full((2, 2), np.nan, np.float32)))
     upd(ms.Tensor(0.1, ms.float32), ms.Tensor(1.0, ms.float32), ms.Tensor(counts))  # non-finite: skipped
     np.testing.assert_allclose(bias.asnumpy(), [-0.01, 0.01, 0.0, 0.0], atol=1e-7)
+
+
+class _PooledLoss(ms.nn.Cell):
+    """The reference: every MoE layer's router outputs from ``forward_train``, their balance and z terms pooled
+    at the end of the graph (what ``LossNet`` computed before its terms moved to the layers' stages)."""
+
+    def __init__(self, model, cfg):
+        super().__init__(auto_prefix=False)
+        from mindpangu.train.losses import RouteLosses
+
+        self.model, self.route_losses = model, RouteLosses(cfg)
+        b = cfg.model.moe.balance_loss
+        self.coeff, self.z_coeff, self.mtp_weight = b.coeff, b.z_loss_coeff, cfg.model.mtp_loss_weight
+
+    def construct(self, tokens, pooled_counts, pooled_tokens):
+        inputs, labels = tokens[:, :-1], tokens[:, 1:]
+        logits, mtp_logits, routes = self.model.forward_train(inputs)
+        s = inputs.shape[1]
+        mtp = sum(cross_entropy(head[:, : s - d - 1], labels[:, d + 1:]) for d, head in enumerate(mtp_logits))
+        bal, zl = 0.0, 0.0
+        for i, route in enumerate(routes):
+            b, z = self.route_losses(route, pooled_counts[i], pooled_tokens)
+            bal, zl = bal + b, zl + z
+        return (cross_entropy(logits, labels) + self.mtp_weight * mtp / len(mtp_logits) + self.coeff * bal
+                + self.z_coeff * zl)
+
+
+@pytest.mark.parametrize("kind", ["micro_batch", "ep_group", "global_batch"])
+def test_per_layer_terms_equal_pooled_loss(rng, kind):
+    """LossNet adds each MoE layer's balance and z terms where the layer runs (on its pipeline stage): loss value,
+    balance value and every gradient equal the pooled reference, for each balance-loss type (2 virtual EP ranks,
+    z-loss on, an MoE MTP layer)."""
+    cfg = mp.load_config(ULTRA_TINY, overrides=["model.num_layers=3", "model.hidden_size=64",
+                                                f"model.moe.balance_loss.type={kind}", "model.moe.balance_loss.coeff=0.5",
+                                                "model.moe.balance_loss.z_loss_coeff=0.01",
+                                                "parallel_config.expert_parallel=2", "model.moe.dispatch_backend=reference"])
+    model = mp.build_model(cfg.model, seed=5)
+    tokens = ms.Tensor(rng.integers(0, cfg.model.vocab_size, (4, 17)).astype(np.int32))
+    pooled = ms.Tensor(RoutingStats(model, cfg.model.moe.num_experts)(tokens).asnumpy() * 2)  # as if 2 micro-batches
+    pooled_tokens = ms.Tensor(2.0 * 4 * 16, ms.float32)
+    params = [p for p in model.get_parameters() if p.requires_grad]
+    net = LossNet(model, cfg)
+    (loss, aux), grads = ms.value_and_grad(net, None, params, has_aux=True)(tokens, pooled, pooled_tokens,
+                                                                            ms.Tensor(1.0, ms.float32))
+    ref = _PooledLoss(model, cfg)
+    ref_loss, ref_grads = ms.value_and_grad(ref, None, params)(tokens, pooled, pooled_tokens)
+    assert float(loss.asnumpy()) == pytest.approx(float(ref_loss.asnumpy()), rel=1e-5)
+    routes = model.forward_train(tokens[:, :-1])[2]
+    from mindpangu.train.losses import RouteLosses
+
+    want_bal = np.mean([float(RouteLosses(cfg)(r, pooled[i], pooled_tokens)[0].asnumpy()) for i, r in enumerate(routes)])
+    assert float(aux[2].asnumpy()) == pytest.approx(want_bal, rel=1e-5)  # the mean balance term LossNet reports
+    assert want_bal > 0
+    for p, g, want in zip(params, grads, ref_grads):
+        np.testing.assert_allclose(g.asnumpy(), want.asnumpy(), rtol=1e-4, atol=1e-7, err_msg=p.name)
+    router = "model.layers.2.mlp.gate.weight"
+    assert np.abs(dict(zip([p.name for p in params], grads))[router].asnumpy()).max() > 0

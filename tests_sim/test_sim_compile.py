@@ -37,9 +37,35 @@ def test_compiled_slices_equal_prediction(model, layout, rank, tmp_path):
         assert ("model.norm.weight" in held) == (rank == 7)
 
 
-def test_interleaved_pipeline_hits_a_mindspore_compiler_bug(tmp_path):
-    """VPP (pipeline_interleave, which requires lazy_inline) fails inside MindSpore 2.10's compiler on our model.
-    This documents the exact failure; when it starts passing, the README's VPP note must change."""
-    vpp = LAYOUTS["DP2xTP2xPP2xEP2"] + ["parallel_config.pp_interleave_num=2"]
-    with pytest.raises(RuntimeError, match="no manager for this func graph"):
-        compile_rank(os.path.join(ROOT, TINY["ultra"]), 7, str(tmp_path), SMALL + vpp)
+# Each model in the shape of its published layout (Ultra MoE TP8 / PP16 / VPP2 / EP4; Pro MoE TP8 / EP2 / PP5 / VPP5
+# with two no-op layers), scaled to 8 ranks: interleaved pipeline, balance loss on (the tiny configs' ep_group /
+# micro_batch), optimizer sharding on. The Pro MoE model gets 6 layers + 2 no-op layers: 2 slots per chunk.
+PUBLISHED_SHAPE = {
+    "ultra": ["parallel_config.data_parallel=2", "parallel_config.model_parallel=2",
+              "parallel_config.pipeline_stage=2", "parallel_config.pp_interleave_num=2",
+              "parallel_config.micro_batch_num=4", "parallel_config.expert_parallel=2",
+              "parallel_config.optimizer_shard=true"],
+    "pro": ["model.num_layers=6", "parallel_config.noop_layers=2", "parallel_config.data_parallel=2",
+            "parallel_config.model_parallel=2", "parallel_config.expert_parallel=2",
+            "parallel_config.pipeline_stage=2", "parallel_config.pp_interleave_num=2",
+            "parallel_config.micro_batch_num=4", "parallel_config.optimizer_shard=true"],
+}
+
+
+@pytest.mark.parametrize("rank", [0, 7])
+@pytest.mark.parametrize("model", sorted(TINY))
+def test_published_layout_shape_compiles_with_interleaved_pipeline(model, rank, tmp_path):
+    report = compile_rank(os.path.join(ROOT, TINY[model]), rank, str(tmp_path), SMALL + PUBLISHED_SHAPE[model])
+    assert report.ok, "\n".join(report.mismatches)
+    assert report.stage == rank // 4 and report.strategies > 0
+    held = set(report.slices)
+    assert ("model.embed_tokens.weight" in held) == (rank == 0)
+    assert ("model.norm.weight" in held) == (rank == 7)
+    # VPP2: each stage holds two chunks, not two neighbouring layer blocks
+    from mindpangu.config import load_config
+    from mindpangu.parallel.strategy import layer_stages
+
+    cfg = load_config(os.path.join(ROOT, TINY[model]), overrides=SMALL + PUBLISHED_SHAPE[model])
+    mine = sorted({int(n.split(".")[2]) for n in held if n.startswith("model.layers.")})
+    assert mine == sorted(i for i, (stage, _) in layer_stages(cfg).items() if stage == report.stage)
+    assert len({chunk for i, (stage, chunk) in layer_stages(cfg).items() if stage == report.stage}) == 2

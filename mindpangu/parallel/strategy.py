@@ -222,7 +222,12 @@ def parallelize(model: nn.Cell, cfg: TrainConfig) -> nn.Cell:
 
 
 def assign_stages(model: nn.Cell, cfg: TrainConfig):
-    """``pipeline_stage`` of the embedding, every decoder layer, the final norm, the LM head and the MTP layers."""
+    """``pipeline_stage`` of the embedding, every decoder layer, the final norm, the LM head and the MTP layers.
+
+    An MTP layer's input norms, projection and head norm are tagged too: ``train.step.LossNet`` calls them around
+    the layer's block, and MindSpore places an untagged cell by its inputs (here the first stage's embeddings).
+    Only those: tagging the router and experts inside a block breaks MindSpore 2.10's interleaved-pipeline
+    compile ("The index out of range" on the router's outputs)."""
     last = cfg.parallel_config.pipeline_stage - 1
     inner = model.model
     inner.embed_tokens.pipeline_stage = 0
@@ -233,7 +238,8 @@ def assign_stages(model: nn.Cell, cfg: TrainConfig):
         model.lm_head.pipeline_stage = last
     if inner.num_mtp:
         for layer in inner.mtp_layers:
-            layer.pipeline_stage = last
+            for cell in (layer, layer.enorm, layer.hnorm, layer.eh_proj, layer.shared_head):
+                cell.pipeline_stage = last
 
 
 def auto_parallel_context(cfg: TrainConfig) -> dict:

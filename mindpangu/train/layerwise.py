@@ -23,7 +23,7 @@ import mindspore as ms
 from mindspore import Parameter, ParameterTuple, Tensor, nn, ops
 
 from ..config.schema import TrainConfig
-from .losses import RouteLosses, cross_entropy
+from .losses import LayerLosses, cross_entropy
 
 
 def relative_params(cell: nn.Cell) -> List[Parameter]:
@@ -52,29 +52,8 @@ class Binding:
             t.set_data(p)
 
 
-class _LayerLosses(nn.Cell):
-    """One decoder layer with the loss terms that live in it: h -> (h', balance term, z term, expert counts)."""
-
-    def __init__(self, layer, cfg: TrainConfig):
-        super().__init__(auto_prefix=False)
-        self.layer = layer
-        self.is_moe = layer.is_moe
-        self.route_losses = RouteLosses(cfg)
-        self.num_experts = cfg.model.moe.num_experts
-
-    def construct(self, h, pooled_counts, pooled_tokens):
-        y, route, _ = self.layer.block(h)
-        bal = ops.zeros((), ms.float32)
-        zl = ops.zeros((), ms.float32)
-        counts = ops.zeros((self.num_experts,), ms.float32)
-        if self.is_moe:
-            bal, zl = self.route_losses(route, pooled_counts, pooled_tokens)
-            counts = route[4].astype(ms.float32)
-        return y, bal, zl, counts
-
-
 class _Differentiable(nn.Cell):
-    """The float outputs of ``_LayerLosses`` (what the backward differentiates)."""
+    """The float outputs of ``LayerLosses`` (what the backward differentiates)."""
 
     def __init__(self, net):
         super().__init__(auto_prefix=False)
@@ -89,7 +68,7 @@ class LayerBackward(nn.Cell):
     """Recompute one layer and backpropagate: (h, dy, loss-term cotangents) -> dh; the parameter gradients are
     added into ``accum`` (bound, like the parameters, to the layer being run)."""
 
-    def __init__(self, losses: _LayerLosses, params: Sequence[Parameter], accum: Sequence[Parameter]):
+    def __init__(self, losses: LayerLosses, params: Sequence[Parameter], accum: Sequence[Parameter]):
         super().__init__(auto_prefix=False)
         self.net = _Differentiable(losses)
         self.params = ParameterTuple(params)
@@ -112,7 +91,7 @@ class _Head(nn.Cell):
         super().__init__(auto_prefix=False)
         self.model = model
         # a plain list: a CellList would prefix the model's MTP parameter names with its indices
-        self.mtp_layers = [_LayerLosses(layer, cfg) for layer in (model.model.mtp_layers if model.model.num_mtp
+        self.mtp_layers = [LayerLosses(layer, cfg) for layer in (model.model.mtp_layers if model.model.num_mtp
                                                                    else ())]
         self.num_mtp = len(self.mtp_layers)
         self.num_experts = cfg.model.moe.num_experts
@@ -209,7 +188,7 @@ class _Kind:
         t_params = relative_params(template)
         trainable = [p for p in t_params if p.requires_grad]
         t_accum = ParameterTuple(trainable).clone(prefix="layerwise_accum", init="zeros")
-        self.forward = _LayerLosses(template, cfg)
+        self.forward = LayerLosses(template, cfg)
         self.backward = LayerBackward(self.forward, trainable, t_accum)
         self.params = Binding(t_params, [relative_params(layer) for layer in members])
         self.accum = Binding(list(t_accum), [[accum_of[id(p)] for p in relative_params(layer) if p.requires_grad]

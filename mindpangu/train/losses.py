@@ -108,3 +108,27 @@ class RouteLosses(nn.Cell):
         if self.z_on:
             zl = z_loss(logits)
         return bal, zl
+
+
+class LayerLosses(nn.Cell):
+    """One decoder layer with the loss terms that live in it: h -> (h', balance term, z term, expert counts [E])
+    (the terms 0 for a dense layer). The router outputs stay inside this cell's graph. Used by the layer-wise
+    engine and by ``LossNet``."""
+
+    def __init__(self, layer, cfg: TrainConfig):
+        super().__init__(auto_prefix=False)
+        self.layer = layer
+        self.is_moe = layer.is_moe
+        self.route_losses = RouteLosses(cfg)
+        self.num_experts = cfg.model.moe.num_experts
+
+    def construct(self, h, pooled_counts, pooled_tokens):
+        y, route, _ = self.layer.block(h)
+        bal = ops.zeros((), ms.float32)
+        zl = ops.zeros((), ms.float32)
+        counts = ops.zeros((self.num_experts,), ms.float32)
+        if self.is_moe:
+            bal, zl = self.route_losses(route, pooled_counts, pooled_tokens)
+            counts = route[4].astype(ms.float32)
+        return y, bal, zl, counts
+

@@ -6,8 +6,9 @@ them, ``MS_SIMULATION_LEVEL=0`` makes MindSpore use a dummy communicator and com
 graph for ``RANK_ID`` of ``RANK_SIZE`` ranks. The graph is then dropped (the step "returns" a dummy 0).
 
 What it proves: the strategies ``mindpangu.parallel.parallelize`` generates are accepted by MindSpore's parallel
-compiler for the layout (redistributions, pipeline send/receive, optimizer) and each parameter's compiled slice
-on that rank equals ``predicted_slices``. What it cannot: memory figures or numerics (levels 1-3 need the real
+compiler for the layout (redistributions, pipeline send/receive, interleaved pipelines, the sharded optimizer) with
+the whole training loss (LM, MTP, balance and z terms), and each parameter's compiled slice on that rank equals
+``predicted_slices``. What it cannot: memory figures or numerics (levels 1-3 need the real
 CANN toolkit).
 """
 from __future__ import annotations
@@ -50,7 +51,6 @@ class CompileReport:
     strategy_file: str
     strategies: int                        # operator strategies in the strategy file
     seconds: float
-    notes: List[str] = field(default_factory=list)
     mismatches: List[str] = field(default_factory=list)
 
     @property
@@ -127,13 +127,6 @@ def _worker(config: str, rank: int, out_dir: str, overrides: List[str]) -> None:
     ms.set_auto_parallel_context(**auto_parallel_context(cfg), strategy_ckpt_config={"save_file": strategy_file})
     cfg.model.moe.dispatch_backend = "expert_major"  # the dispatcher and norms parallelize shards
     cfg.model.norm_backend = cfg.model.attention_backend = "reference"
-    notes = []
-    if cfg.parallel_config.pipeline_stage > 1 and cfg.model.moe.balance_loss.type != "none":
-        # LossNet pools every layer's router outputs at the end; across pipeline stages MindSpore's compiler
-        # fails on that (bprop of the pooled means); the balance loss would have to be accumulated per stage
-        cfg.model.moe.balance_loss.type = "none"
-        notes.append("pipeline: compiled without the balance loss (router statistics are pooled across stages "
-                     "at the end of LossNet, which MindSpore's pipeline compiler rejects)")
     model = parallelize(build_model(cfg.model, seed=cfg.seed), cfg)
     predicted = {k: list(v) for k, v in predicted_slices(model, cfg, rank).items()}  # before compiling slices them
 
@@ -162,7 +155,7 @@ def _worker(config: str, rank: int, out_dir: str, overrides: List[str]) -> None:
     with open(strategy_file, "rb") as f:
         strategy_map.ParseFromString(f.read())
     stage = rank // Layout.from_config(cfg).stage_size
-    out = {"notes": notes, "stage": stage, "slices": slices, "predicted": predicted, "strategy_file": strategy_file,
+    out = {"stage": stage, "slices": slices, "predicted": predicted, "strategy_file": strategy_file,
            "strategies": len(strategy_map.parallel_strategy_item), "seconds": round(time.time() - start, 1)}
     with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
         json.dump(out, f, indent=1)

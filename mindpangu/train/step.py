@@ -11,7 +11,7 @@ import mindspore as ms
 from mindspore import Parameter, ParameterTuple, Tensor, nn, ops
 
 from ..config.schema import TrainConfig
-from .losses import RouteLosses, cross_entropy
+from .losses import LayerLosses, cross_entropy
 from .layerwise import Binding, LayerwiseMicroStep, PartTimer, relative_params
 from .optim import AdamW, fused_adamw, fused_hyperparameters
 
@@ -24,8 +24,42 @@ def moe_layers(model):
     return [layer.mlp for layer in layers]
 
 
+class _LayerStep(nn.Cell):
+    """A decoder layer (or an MTP layer, :meth:`mtp_forward`) on its pipeline stage, adding its balance and z terms
+    to the running sums: (h, balance sum, z sum, pooled counts [E], pooled tokens) -> (h', balance sum, z sum,
+    counts [E])."""
+
+    def __init__(self, layer, cfg: TrainConfig):
+        super().__init__(auto_prefix=False)
+        self.losses = LayerLosses(layer, cfg)
+        self.is_moe = layer.is_moe
+        stage = getattr(layer, "pipeline_stage", None)  # set by parallel.assign_stages (the property raises until)
+        if stage is not None:
+            self.pipeline_stage = stage
+
+    def construct(self, h, bal, zl, pooled_counts, pooled_tokens):
+        y, b, z, counts = self.losses(h, pooled_counts, pooled_tokens)
+        return y, bal + b, zl + z, counts
+
+    def mtp_forward(self, h, next_embeds, bal, zl, pooled_counts, pooled_tokens):
+        """``MTPLayer.construct`` -> (residual out, head input, balance sum, z sum, counts [E])."""
+        layer = self.losses.layer
+        x = layer.eh_proj(ops.concat((layer.enorm(next_embeds), layer.hnorm(h)), -1))
+        out, b, z, counts = self.losses(x, pooled_counts, pooled_tokens)
+        return out, layer.shared_head(out), bal + b, zl + z, counts
+
+
 class LossNet(nn.Cell):
-    """tokens [B, S+1] -> (scaled total loss, (lm, mtp, balance, z, expert counts [layers, E]))."""
+    """tokens [B, S+1] -> (scaled total loss, (lm, mtp, balance, z, expert counts [layers, E])).
+
+    ``CausalLM.forward_train`` with each MoE layer's balance and z terms computed where the layer runs (on its
+    pipeline stage) and added into running sums that travel from layer to layer with the hidden states, as
+    mindformers' ``extra_loss``: no router output crosses a pipeline stage (pooling every layer's router outputs
+    at the end fails MindSpore's pipeline compiler). The sums are [B, 1, 1] tensors, every entry the same sum: a
+    scalar passed between interleaved pipeline chunks fails MindSpore 2.10's compiler ("The pointer[fg_cnode] is
+    null"), a tensor with the batch axis does not. Value and gradient are those of pooling the terms at the end
+    (``tests/test_losses.py``).
+    """
 
     def __init__(self, model, cfg: TrainConfig, fused_ce: bool = True):
         super().__init__(auto_prefix=False)
@@ -37,30 +71,45 @@ class LossNet(nn.Cell):
         b = m.moe.balance_loss
         self.coeff, self.z_coeff = b.coeff, b.z_loss_coeff
         self.num_experts = m.moe.num_experts
-        self.route_losses = RouteLosses(cfg)
+        inner = model.model
+        # auto_prefix=False: the model's parameter names stay as they are
+        self.layers = nn.CellList([_LayerStep(layer, cfg) for layer in inner.layers], auto_prefix=False)
+        self.mtp_layers = nn.CellList([_LayerStep(layer, cfg) for layer in (inner.mtp_layers if inner.num_mtp
+                                                                             else ())], auto_prefix=False)
         self.num_moe = len(moe_layers(model))
 
     def construct(self, tokens, pooled_counts, pooled_tokens, scale):
         inputs, labels = tokens[:, :-1], tokens[:, 1:]
         s = inputs.shape[1]
-        logits, mtp_logits, routes = self.model.forward_train(inputs)
-        lm = cross_entropy(logits, labels, self.fused_ce)
+        inner = self.model.model
+        h = inner.embed_tokens(inputs)
+        # the MTP depths' input embeddings (of t_{i+j}) are looked up here, with the main one, on the first stage:
+        # an embedding lookup after the last decoder layer makes MindSpore 2.10's interleaved-pipeline compile hang
+        next_embeds = ()
+        ids = inputs
+        for _ in self.mtp_layers:
+            ids = ops.concat((ids[:, 1:], ids[:, :1]), 1)
+            next_embeds = next_embeds + (inner.embed_tokens(ids),)
+        bal = ops.zeros_like(h[:, :1, :1])  # the running sums, [B, 1, 1]
+        zl = bal
+        counts = ()
+        for layer in self.layers:
+            h, bal, zl, c = layer(h, bal, zl, pooled_counts[len(counts)], pooled_tokens)
+            if layer.is_moe:
+                counts = counts + (c,)
+        lm = cross_entropy(self.model.logits(inner.norm(h)), labels, self.fused_ce)
         mtp = ops.zeros((), ms.float32)
         depth = 0
-        for head in mtp_logits:
+        for layer in self.mtp_layers:
+            h, head_in, bal, zl, c = layer.mtp_forward(h, next_embeds[depth], bal, zl, pooled_counts[len(counts)],
+                                                       pooled_tokens)
             depth += 1
-            mtp = mtp + cross_entropy(head[:, : s - depth], labels[:, depth:], self.fused_ce)
+            mtp = mtp + cross_entropy(self.model.logits(head_in)[:, : s - depth], labels[:, depth:], self.fused_ce)
+            if layer.is_moe:
+                counts = counts + (c,)
         if self.num_mtp:
             mtp = mtp / self.num_mtp
-        bal = ops.zeros((), ms.float32)
-        zl = ops.zeros((), ms.float32)
-        counts = ()
-        i = 0
-        for route in routes:
-            b, z = self.route_losses(route, pooled_counts[i], pooled_tokens)
-            bal, zl = bal + b, zl + z
-            counts = counts + (route[4].astype(ms.float32),)
-            i += 1
+        bal, zl = bal.mean(), zl.mean()
         total = lm + self.mtp_weight * mtp + self.coeff * bal + self.z_coeff * zl
         stacked = ops.stack(counts) if counts else ops.zeros((1, self.num_experts), ms.float32)
         mean_bal = bal / max(1, self.num_moe)
