@@ -53,6 +53,8 @@ BAD = [
     ("list for int", BASE + "runner_config: {batch_size: [8]}\n", [], "runner_config.batch_size", "[8]", "integer"),
     ("fixed block without the reference dispatcher", BASE + "model: {moe: {dispatch_block_size: 8}}\n", [],
      "model.moe.dispatch_block_size", "8", "0"),
+    ("dynamic shapes without a fixed dispatch block", BASE + "model: {dynamic_shapes: true}\n", [],
+     "model.dynamic_shapes", "True", "dispatch_block_size: 8"),
 ]
 
 

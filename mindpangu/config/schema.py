@@ -244,6 +244,10 @@ class ModelConfig(Section):
         if self.first_k_dense_replace > self.num_layers:
             _fail(path, "first_k_dense_replace", f"must be <= num_layers ({self.num_layers})", origins,
                   self.first_k_dense_replace, f"0..{self.num_layers}")
+        if self.dynamic_shapes and not self.moe.dispatch_block_size:
+            _fail(path, "dynamic_shapes", "needs a fixed moe.dispatch_block_size (the reference dispatcher sizes its "
+                  "blocks from the token count, which a dynamic graph does not know)", origins, self.dynamic_shapes,
+                  "false, or moe.dispatch_backend: reference with moe.dispatch_block_size: 8")
 
 
 @dataclass

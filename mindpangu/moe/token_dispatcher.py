@@ -70,8 +70,8 @@ def permute_plan(indices, num_experts: int, block: int, index_range=static_range
 
 def token_positions(indices):
     """indices [T, K] int32 -> 0, 1, ..., T-1 [T] int32, as a running count over the tokens rather than a constant:
-    under semi-auto parallel, a constant operand here (e.g. ``layers.static_range``) made MindSpore 2.10's
-    interleaved-pipeline compiler fail ("no manager for this func graph")."""
+    in the expert-major plan under semi-auto parallel, a compile-time constant here (``layers.static_range``)
+    still made MindSpore 2.10's interleaved-pipeline compiler fail ("no manager for this func graph")."""
     return ops.cumsum(ops.cast(indices[:, 0] >= 0, ms.int32), 0) - 1
 
 
@@ -86,8 +86,8 @@ def expert_major_plan(indices, num_experts: int, capacity: int, sort):
     flat, counts, rank = expert_ranks(indices, num_experts)
     slot_of_row = flat * capacity + rank
     start = ops.cumsum(counts, 0) - counts  # [E] where each expert's rows begin, grouped by expert
-    # each row's place in that order is distinct, so sorting it is stable (rows of one expert stay in token order)
-    # without a row-id constant in the key, which semi-auto parallel would slice as an op on a constant alone
+    # each row's place in that order is distinct, so sorting it keeps the rows of one expert in token order without
+    # a row-id constant in the key (which failed the interleaved-pipeline compile, see token_positions)
     _, by_expert = sort(ops.gather(start, flat, 0) + rank)
     start = start.reshape(num_experts, 1)
     column = token_positions(indices)[:capacity].reshape(1, capacity)
