@@ -79,6 +79,11 @@ class MTPHead(nn.Cell):
         return self.norm(h)
 
 
+def next_token_ids(ids):
+    """ids [B, S] -> t_{i+1} at position i [B, S] (the last position wraps around: MTP masks it)."""
+    return ops.concat((ids[:, 1:], ids[:, :1]), 1)
+
+
 class MTPLayer(DecoderLayer):
     """DeepSeek-V3 multi-token prediction: h' = Block(eh_proj([enorm(Emb(t_{i+j})); hnorm(h_i)])).
 
@@ -94,10 +99,13 @@ class MTPLayer(DecoderLayer):
         self.eh_proj = Linear(2 * h, h, False, cfg.compute_dtype)
         self.shared_head = MTPHead(cfg)
 
+    def input_projection(self, h, next_embeds):
+        """eh_proj([enorm(next_embeds); hnorm(h)]): the block's input [B, S, H]."""
+        return self.eh_proj(ops.concat((self.enorm(next_embeds), self.hnorm(h)), -1))
+
     def construct(self, h, next_embeds, positions=None, cache=None, index=None):
         """-> (residual out, normed head input, router outputs or None, attention cache); see ``block``."""
-        x = self.eh_proj(ops.concat((self.enorm(next_embeds), self.hnorm(h)), -1))
-        out, route, cache = self.block(x, positions, cache, index)
+        out, route, cache = self.block(self.input_projection(h, next_embeds), positions, cache, index)
         return out, self.shared_head(out), route, cache
 
 
@@ -184,7 +192,7 @@ class CausalLM(nn.Cell):
         if self.model.num_mtp:
             ids = input_ids
             for layer in self.model.mtp_layers:
-                ids = ops.concat((ids[:, 1:], ids[:, :1]), 1)  # t_{i+j}
+                ids = next_token_ids(ids)  # t_{i+j}
                 h, head_in, route, _ = layer(h, self.model.embed_tokens(ids))
                 mtp_logits = mtp_logits + (self.logits(head_in),)
                 if route is not None:

@@ -23,6 +23,7 @@ import mindspore as ms
 from mindspore import Parameter, ParameterTuple, Tensor, nn, ops
 
 from ..config.schema import TrainConfig
+from ..models.decoder import next_token_ids
 from .losses import LayerLosses, cross_entropy
 
 
@@ -106,9 +107,9 @@ class _Head(nn.Cell):
         ids = inputs
         depth = 0
         for losses in self.mtp_layers:
-            ids = ops.concat((ids[:, 1:], ids[:, :1]), 1)  # t_{i+j}, as in CausalLM.forward_train
+            ids = next_token_ids(ids)  # t_{i+j}, as in CausalLM.forward_train
             layer = losses.layer
-            x = layer.eh_proj(ops.concat((layer.enorm(self.model.model.embed_tokens(ids)), layer.hnorm(h)), -1))
+            x = layer.input_projection(h, self.model.model.embed_tokens(ids))
             h, b, z, c = losses(x, pooled_counts[len(counts)], pooled_tokens)
             depth += 1
             head = self.model.logits(layer.shared_head(h))

@@ -11,6 +11,7 @@ import mindspore as ms
 from mindspore import Parameter, ParameterTuple, Tensor, nn, ops
 
 from ..config.schema import TrainConfig
+from ..models.decoder import next_token_ids
 from .losses import LayerLosses, cross_entropy
 from .layerwise import Binding, LayerwiseMicroStep, PartTimer, relative_params
 from .optim import AdamW, fused_adamw, fused_hyperparameters
@@ -44,8 +45,7 @@ class _LayerStep(nn.Cell):
     def mtp_forward(self, h, next_embeds, bal, zl, pooled_counts, pooled_tokens):
         """``MTPLayer.construct`` -> (residual out, head input, balance sum, z sum, counts [E])."""
         layer = self.losses.layer
-        x = layer.eh_proj(ops.concat((layer.enorm(next_embeds), layer.hnorm(h)), -1))
-        out, b, z, counts = self.losses(x, pooled_counts, pooled_tokens)
+        out, b, z, counts = self.losses(layer.input_projection(h, next_embeds), pooled_counts, pooled_tokens)
         return out, layer.shared_head(out), bal + b, zl + z, counts
 
 
@@ -88,7 +88,7 @@ class LossNet(nn.Cell):
         next_embeds = ()
         ids = inputs
         for _ in self.mtp_layers:
-            ids = ops.concat((ids[:, 1:], ids[:, :1]), 1)
+            ids = next_token_ids(ids)  # t_{i+j}
             next_embeds = next_embeds + (inner.embed_tokens(ids),)
         bal = ops.zeros_like(h[:, :1, :1])  # the running sums, [B, 1, 1]
         zl = bal
