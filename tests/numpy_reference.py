@@ -43,6 +43,17 @@ def swiglu(w, prefix, x):
     return (silu(g) * u) @ w[f"{prefix}.down_proj.weight"].T
 
 
+def routed_experts(gate, up, down, x, weights, indices):
+    """sum_k weights[t, k] * SwiGLU_{indices[t, k]}(x[t]), token by token, in float64: stacked expert weights
+    gate / up [E, I, H], down [E, H, I], x [T, H], weights / indices [T, K]."""
+    gate, up, down, x = (np.asarray(a, np.float64) for a in (gate, up, down, x))
+    y = np.zeros_like(x)
+    for t in range(x.shape[0]):
+        for j, e in enumerate(indices[t]):
+            y[t] += weights[t, j] * ((silu(x[t] @ gate[e].T) * (x[t] @ up[e].T)) @ down[e].T)
+    return y
+
+
 def mla(w, p, c, x):
     """Multi-head latent attention on x [S, H] (one sequence), causal."""
     s = x.shape[0]

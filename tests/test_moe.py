@@ -20,16 +20,8 @@ def _experts(rng, e, k, h, i, backend):
 
 
 def _numpy_experts(ge, x, weights, indices):
-    w = {}
-    for e in range(ge.num_experts):
-        w[f"x.{e}.gate_proj.weight"] = ge.gate_proj.asnumpy()[e].astype(np.float64)
-        w[f"x.{e}.up_proj.weight"] = ge.up_proj.asnumpy()[e].astype(np.float64)
-        w[f"x.{e}.down_proj.weight"] = ge.down_proj.asnumpy()[e].astype(np.float64)
-    y = np.zeros_like(x, dtype=np.float64)
-    for t in range(x.shape[0]):
-        for j in range(indices.shape[1]):
-            y[t] += weights[t, j] * ref.swiglu(w, f"x.{indices[t, j]}", x[t:t + 1].astype(np.float64))[0]
-    return y
+    return ref.routed_experts(ge.gate_proj.asnumpy(), ge.up_proj.asnumpy(), ge.down_proj.asnumpy(), x, weights,
+                              indices)
 
 
 @pytest.mark.parametrize("backend", ["reference", "expert_major", "cpu_kernel"])

@@ -2,12 +2,13 @@
 command line with exit code 2 and one line, before any model is built or data is read."""
 import dataclasses
 import io
+import os
 import typing
 
 import numpy as np
 import pytest
 
-from conftest import ULTRA_TINY
+from conftest import ROOT, ULTRA_TINY
 from mindpangu.cli import train_main
 from mindpangu.config import ConfigError, TrainConfig, load_config
 from mindpangu.config.core import Section
@@ -158,3 +159,24 @@ def test_progress_bar_in_a_log_file_is_quiet():
         bar.update(1)
     bar.close()
     assert log.getvalue().count("\r") <= 3 and "300/300" in log.getvalue()
+
+
+def test_moge_gating_op_must_be_installed_for_the_ascend_dispatch(monkeypatch, tmp_path):
+    """On Ascend, Pro MoE's 'ascend' dispatch routes with the Ascend C MogeGating op: refused until a package
+    holding its aclnn header is on ASCEND_CUSTOM_OPP_PATH or under $ASCEND_OPP_PATH/vendors."""
+    pro = os.path.join(ROOT, "yaml_configs", "pangu_pro_moe", "tiny.yaml")
+    cfg = load_config(pro, ["model.moe.dispatch_backend=ascend", "context.device_target=Ascend"])
+    monkeypatch.delenv("ASCEND_CUSTOM_OPP_PATH", raising=False)
+    monkeypatch.setenv("ASCEND_OPP_PATH", str(tmp_path / "opp"))
+    with pytest.raises(ConfigError, match="MogeGating op, which is not installed") as e:
+        pf.check_device(cfg)
+    assert e.value.key == "model.moe.dispatch_backend"
+    pf.check_device(load_config(ULTRA_TINY, ["model.moe.dispatch_backend=ascend", "context.device_target=Ascend"]))
+    pf.check_device(load_config(pro, ["model.moe.dispatch_backend=expert_major", "context.device_target=Ascend"]))
+    header = tmp_path / "opp" / "vendors" / "mindpangu" / "op_api" / "include" / "aclnn_moge_gating.h"
+    header.parent.mkdir(parents=True)
+    header.write_text("aclnnStatus aclnnMogeGatingGetWorkspaceSize(...);\n")
+    pf.check_device(cfg)  # installed under the vendors tree
+    monkeypatch.setenv("ASCEND_OPP_PATH", str(tmp_path / "elsewhere"))
+    monkeypatch.setenv("ASCEND_CUSTOM_OPP_PATH", f"/nonexistent:{header.parents[2]}")
+    pf.check_device(cfg)  # or on the custom path

@@ -1,7 +1,7 @@
 """The training step of both tiny models compiled by MindSpore's real Ascend parallel compiler for 8 simulated
 ranks (stub CANN libraries, DryRun level 0), in three layouts, as the first and the last rank; every parameter's
 compiled slice must equal mindpangu.parallel's prediction. Run by its own CI step (`python -m pytest -q
-tests_sim`): the first run builds the stubs (about a minute), each compile takes 10-20 s."""
+tests_sim`): the first run builds the stubs (about a minute), each compile takes 10-30 s."""
 import os
 
 import pytest
@@ -53,9 +53,16 @@ PUBLISHED_SHAPE = {
 
 
 @pytest.mark.parametrize("rank", [0, 7])
+@pytest.mark.parametrize("dispatch", ["expert_major", "ascend"])
 @pytest.mark.parametrize("model", sorted(TINY))
-def test_published_layout_shape_compiles_with_interleaved_pipeline(model, rank, tmp_path):
-    report = compile_rank(os.path.join(ROOT, TINY[model]), rank, str(tmp_path), SMALL + PUBLISHED_SHAPE[model])
+def test_published_layout_shape_compiles_with_interleaved_pipeline(model, dispatch, rank, tmp_path):
+    """Both token dispatchers: the expert-major buffer, and the all-to-all dispatch from MindSpore's fused Ascend ops
+    (moe.dispatch_backend 'ascend': permute, AlltoAllV over EP, AllGatherV / ReduceScatterV over expert TP,
+    GroupedMatmul, unpermute, inside one Morph per MoE layer; Pro MoE routes with the Ascend C MogeGating op)."""
+    overrides = SMALL + PUBLISHED_SHAPE[model] + [f"model.moe.dispatch_backend={dispatch}"]
+    if dispatch == "ascend":
+        overrides.append("context.device_target=Ascend")
+    report = compile_rank(os.path.join(ROOT, TINY[model]), rank, str(tmp_path), overrides)
     assert report.ok, "\n".join(report.mismatches)
     assert report.stage == rank // 4 and report.strategies > 0
     held = set(report.slices)
@@ -65,7 +72,12 @@ def test_published_layout_shape_compiles_with_interleaved_pipeline(model, rank, 
     from mindpangu.config import load_config
     from mindpangu.parallel.strategy import layer_stages
 
-    cfg = load_config(os.path.join(ROOT, TINY[model]), overrides=SMALL + PUBLISHED_SHAPE[model])
+    cfg = load_config(os.path.join(ROOT, TINY[model]), overrides=overrides)
     mine = sorted({int(n.split(".")[2]) for n in held if n.startswith("model.layers.")})
     assert mine == sorted(i for i, (stage, _) in layer_stages(cfg).items() if stage == report.stage)
     assert len({chunk for i, (stage, chunk) in layer_stages(cfg).items() if stage == report.stage}) == 2
+    # the dispatch that compiled: one Morph (named by its first parameter) per MoE layer of this stage, or none
+    moe_layers = [i for i in mine if i >= cfg.model.first_k_dense_replace]
+    morphs = sorted(int(op.split(".")[2]) for op in report.operators if op.startswith("Morph_model.layers."))
+    assert morphs == (moe_layers if dispatch == "ascend" else [])
+    assert report.ascend_c_ops == (["MogeGating"] if dispatch == "ascend" and model == "pro" else [])

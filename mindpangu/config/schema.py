@@ -90,7 +90,11 @@ class MoEConfig(Section):
                                            "cpu_kernel: the same layout from the C++ aot kernels of ops/cpu (CPU). "
                                            "expert_major: an [experts, tokens, hidden] buffer whose expert axis "
                                            "semi-auto parallel shards over EP (what parallel layouts need). "
-                                           "ascend: MindSpore's fused Ascend MoE ops (not implemented yet). "
+                                           "ascend: Megatron's all-to-all dispatch from MindSpore's fused "
+                                           "Ascend ops (moe_token_permute, GroupedMatmul over ragged expert "
+                                           "segments, moe_token_unpermute; AlltoAllV over EP inside a Morph), "
+                                           "TopK gating, and for MoGE the Ascend C MogeGating op of "
+                                           "ops/ascendc (Ascend only). "
                                            "auto: expert_major under semi-auto parallel, else cpu_kernel on CPU "
                                            "when it builds, else reference.",
                                    choices=("auto", "reference", "cpu_kernel", "expert_major", "ascend"))

@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import mindspore as ms
 from mindspore import Parameter, Tensor, nn, ops
-from mindspore.ops.auto_generate import SiLU
+from mindspore.ops.auto_generate import GroupedMatmul, SiLU
 
 from ..layers import ms_dtype
 
@@ -19,7 +19,8 @@ class GroupedExperts(nn.Cell):
 
     ``grouped_kernel`` (float32 only; the ``cpu_kernel`` dispatch backend): the C++ ``MoeGroupedSwiGLU`` op runs
     each expert's rows of the block-padded layout against its weights in place and skips the padding rows, instead
-    of a batched matmul over every block against gathered copies of the weights.
+    of a batched matmul over every block against gathered copies of the weights. The ``ascend`` dispatch backend
+    calls :meth:`grouped_gemm` instead (MindSpore's ``GroupedMatmul`` over ragged expert segments).
     """
 
     def __init__(self, num_experts: int, hidden: int, intermediate: int, compute_dtype: str = "float32",
@@ -60,6 +61,28 @@ class GroupedExperts(nn.Cell):
         wu = ops.gather(self.up_proj, group_expert, 0)
         wd = ops.gather(self.down_proj, group_expert, 0)
         return self.expert_ffn(xs, wg, wu, wd)
+
+    def grouped_matmul(self, x, weight, group_list):
+        """x [R, N], weight [G, N, M], group_list [G] int64 (cumulative rows: group g is rows
+        group_list[g-1]:group_list[g]) -> [R, M], each group's rows times its weight. ``GroupedMatmul``
+        (split_item 3, group_type 0: the form with a backward), Ascend."""
+        return GroupedMatmul(split_item=3, group_type=0)([x], [weight], None, None, None, None, None, group_list)[0]
+
+    def grouped_gemm(self, xs, tokens_per_expert, wg, wu, wd):
+        """SwiGLU experts over ragged segments (the ``ascend`` dispatch; Megatron's ``GroupedMLP``).
+
+        xs [R, H] rows grouped by expert (``compute_dtype``), tokens_per_expert [G] int32 rows of each of the G
+        experts, weights gate/up [G, I', H], down [G, H, I'] (this rank's experts, I' = its slice of the
+        intermediate dimension) -> [R, H] in xs's dtype (partial sums when I' < I). Gate and up run as one
+        grouped matmul. The weights are stored as HF stacks them ([out, in] per expert), so they are transposed
+        here: ``GroupedMatmul`` refuses ``transpose_b`` in MindSpore 2.10.
+        """
+        inter = wg.shape[1]
+        group_list = ops.cumsum(tokens_per_expert, 0).astype(ms.int64)
+        w_in = ops.concat((wg, wu), 1).astype(xs.dtype).transpose(0, 2, 1)  # [G, H, 2I']
+        gate_up = self.grouped_matmul(xs, w_in, group_list)
+        h = ops.silu(gate_up[:, :inter]) * gate_up[:, inter:]
+        return self.grouped_matmul(h, wd.astype(xs.dtype).transpose(0, 2, 1), group_list)
 
     def expert_ffn(self, xs, wg, wu, wd):
         """SwiGLU per batch entry: xs [N, M, H] with weights [N, I, H], [N, I, H], [N, H, I] -> [N, M, H] float32."""

@@ -1,10 +1,16 @@
-"""The MoE gating and dispatch C++ kernels (``ops/cpu/moe_kernels.cc``) as aot ops with bprops (the library
-build and the op wrapper are in ``mindpangu/kernels.py``)."""
+"""The MoE kernels as MindSpore ops: the gating and dispatch C++ kernels (``ops/cpu/moe_kernels.cc``) as aot ops
+with bprops (the library build and the op wrapper are in ``mindpangu/kernels.py``), and the Ascend C MoGE gating
+operator (``ops/ascendc/moge_gating``, built and installed on a CANN host)."""
 from __future__ import annotations
+
+import glob
+import os
+from typing import Optional
 
 import numpy as np
 import mindspore as ms
 from mindspore import Tensor, ops
+from mindspore.ops import CustomRegOp, DataType
 
 from ..kernels import custom_op as _custom
 
@@ -80,3 +86,56 @@ def make_grouped_swiglu():
 
     return _custom("MoeGroupedSwiGLU", lambda xs, be, c, wg, wu, wd: (xs, (xs[0], wg[1]), (xs[0], wg[1])),
                    (ms.float32, ms.float32, ms.float32), bprop)
+
+
+MOGE_GATING = "MogeGating"
+
+
+def moge_gating_reg_info():
+    """Registration of the Ascend C ``MogeGating`` op; the names match its OpDef (``op_host/moge_gating.cpp``)
+    exactly: inputs logits [T, E] and router_scale [E] float32, outputs weights [T, K] float32 and indices [T, K]
+    int32, attributes num_groups and top_k (given as call-time scalars: no default value is registered)."""
+    return (CustomRegOp(MOGE_GATING)
+            .input(0, "logits", "required")
+            .input(1, "router_scale", "required")
+            .output(0, "weights", "required")
+            .output(1, "indices", "required")
+            .attr("num_groups", "required", "int")
+            .attr("top_k", "required", "int")
+            .dtype_format(DataType.F32_Default, DataType.F32_Default, DataType.F32_Default, DataType.I32_Default)
+            .target("Ascend")
+            .get_op_info())
+
+
+def make_moge_gating(top_k: int):
+    """The Ascend C MoGE gating op (``ops/ascendc/moge_gating``; Ascend only, built and installed first):
+    ``op(logits [T, E], router_scale [E], num_groups, top_k) -> (weights [T, K] float32, indices [T, K] int32)``.
+
+    weights = softmax(logits)[t, idx] * router_scale[idx] without renormalisation; indices are global expert ids,
+    the M groups of E/M experts in order, descending score inside a group, ties to the lower id (the CPU kernel's
+    rule). Forward only: its bprop is zero, so in training it picks the experts and the differentiable weights come
+    from the scores (``Router.select``). ``Custom(func_type="aot")`` on Ascend reads the op's ``aclnnMogeGating``
+    signature from the installed package (``ASCEND_CUSTOM_OPP_PATH``); without it, from the registration above.
+    Under semi-auto parallel it is a self-defined-shard op: ``parallelize`` gives it a layout.
+    """
+
+    def no_gradient(logits, router_scale, num_groups, k, out, dout):
+        return ops.zeros_like(logits), ops.zeros_like(router_scale), 0, 0
+
+    return ops.Custom(MOGE_GATING, out_shape=lambda logits, *_: ((logits[0], top_k), (logits[0], top_k)),
+                      out_dtype=(ms.float32, ms.int32), func_type="aot", bprop=no_gradient,
+                      reg_info=moge_gating_reg_info())
+
+
+def moge_gating_header() -> Optional[str]:
+    """The installed ``MogeGating`` package's ``aclnn_moge_gating.h``, looked up where MindSpore's Custom op looks
+    (``ASCEND_CUSTOM_OPP_PATH`` entries, then ``$ASCEND_OPP_PATH/vendors/*``, each under ``op_api/include``), or
+    None when the op is not installed."""
+    roots = [p for p in os.environ.get("ASCEND_CUSTOM_OPP_PATH", "").split(":") if p]
+    if os.environ.get("ASCEND_OPP_PATH"):
+        roots += sorted(glob.glob(os.path.join(os.environ["ASCEND_OPP_PATH"], "vendors", "*")))
+    for root in roots:
+        header = os.path.join(root, "op_api", "include", "aclnn_moge_gating.h")
+        if os.path.isfile(header):
+            return header
+    return None

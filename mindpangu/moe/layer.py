@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import numpy as np
+import mindspore as ms
 from mindspore import Parameter, Tensor, nn, ops
+from mindspore.ops.operations import Morph
 
 from ..config.schema import MoEConfig
 from ..kernels import resolve_kernels
@@ -10,6 +12,11 @@ from ..layers import SwiGLU
 from .experts import GroupedExperts
 from .router import Router
 from .token_dispatcher import build_dispatcher, resolve_backend
+
+
+def _first(*args):
+    """``Morph``'s shape and dtype inference for the routed experts: the output is like the tokens [T, H]."""
+    return args[0]
 
 
 class MoELayer(nn.Cell):
@@ -21,6 +28,11 @@ class MoELayer(nn.Cell):
     MoE) or ``shared_expert`` (Pangu Pro MoE). ``decode_backend`` (``model.decode_backend``) picks how
     :meth:`decode` runs the routed experts. ``dynamic``: token counts known only at run time
     (``model.dynamic_shapes``).
+
+    With the ``ascend`` dispatch backend the dispatch, the grouped experts and the combine run as one function of
+    one rank's tokens (:meth:`local_routed_experts`), wrapped in GRAPH mode in a ``Morph`` primitive
+    (``routed_experts_op``) whose layout ``parallelize`` sets: semi-auto parallel then hands each rank its tokens
+    and its experts' weights and leaves the all-to-all inside to the dispatcher (mindformers' ``FFNGroupedGEMM``).
     """
 
     def __init__(self, hidden: int, cfg: MoEConfig, compute_dtype: str = "float32",
@@ -32,9 +44,14 @@ class MoELayer(nn.Cell):
         self.use_router_scale = cfg.router_scale
         if self.use_router_scale:
             self.router_scale = Parameter(Tensor(np.ones((1, cfg.num_experts), np.float32)), name="router_scale")
-        self.token_dispatcher = build_dispatcher(self.backend, cfg.num_experts, cfg.dispatch_block_size, dynamic)
+        self.token_dispatcher = build_dispatcher(self.backend, cfg.num_experts, cfg.dispatch_block_size, dynamic,
+                                                 hidden, compute_dtype)
         self.experts = GroupedExperts(cfg.num_experts, hidden, cfg.intermediate_size, compute_dtype,
                                       grouped_kernel=self.backend == "cpu_kernel")
+        self.routed_experts_op = None
+        if self.backend == "ascend" and ms.get_context("mode") == ms.GRAPH_MODE:  # Morph runs in GRAPH mode only
+            self.routed_experts_op = Morph(self.local_routed_experts, _first, _first).add_prim_attr(
+                "self_define_shard", True)
         self.row_experts = None
         if resolve_kernels(decode_backend, "model.decode_backend") == "cpu_kernel" and compute_dtype == "float32":
             from .kernels import make_row_experts
@@ -55,9 +72,22 @@ class MoELayer(nn.Cell):
 
     def routed_experts(self, flat, weights, indices):
         """Tokens [T, H], weights [T, K] float32, indices [T, K] int32 -> sum_k weights * expert_k(token) [T, H]."""
+        if self.backend == "ascend":
+            e = self.experts
+            if self.routed_experts_op is not None:
+                return self.routed_experts_op(flat, weights, indices, e.gate_proj, e.up_proj, e.down_proj)
+            return self.local_routed_experts(flat, weights, indices, e.gate_proj, e.up_proj, e.down_proj)
         xs, group_expert, slot_of_row, tokens_per_expert = self.token_dispatcher.dispatch(flat, indices)
         ys = self.experts(xs, group_expert, tokens_per_expert)
         return self.token_dispatcher.combine(ys, weights, slot_of_row)
+
+    def local_routed_experts(self, flat, weights, indices, gate_proj, up_proj, down_proj):
+        """:meth:`routed_experts` on one rank (the ``ascend`` backend): its tokens [T, H] float32, weights [T, K]
+        float32 and indices [T, K] int32, and its experts' weights (gate/up [E / ep, I / etp, H], down
+        [E / ep, H, I / etp]) -> [T, H] float32; the all-to-all is inside ``token_dispatcher``."""
+        xs, _, state, tokens_per_expert = self.token_dispatcher.dispatch(flat, indices)
+        ys = self.experts.grouped_gemm(xs, tokens_per_expert, gate_proj, up_proj, down_proj)
+        return self.token_dispatcher.combine(ys, weights, state)
 
     def construct(self, x):
         """x [B, S, H] -> (y [B, S, H], (weights, indices, scores, logits, counts))."""

@@ -50,6 +50,12 @@ class Router(nn.Cell):
     the chosen scores, optionally renormalised to sum 1, times routed_scaling_factor.
     moge: scores = softmax over all E experts; view [T, M, E/M]; top-K/M per group; weights = chosen scores,
     no renormalisation (the MoE layer then multiplies Pro MoE's learned router_scale[expert]).
+
+    ``backend`` (the resolved ``moe.dispatch_backend``): 'cpu_kernel' routes in one C++ kernel; 'ascend' picks the
+    experts with one ``TopK`` (ties in the kernel's own order, not the lowest index) or, for MoGE without an expert
+    bias, with the Ascend C ``MogeGating`` op (``moe/kernels.py``; MindSpore ships no fused gating with MoGE's
+    per-group top-k, nor with sigmoid scores and renormalisation); the weights stay differentiable gathers of the
+    scores. Otherwise composite ops.
     """
 
     def __init__(self, hidden: int, cfg: MoEConfig, backend: str = "reference"):
@@ -75,6 +81,13 @@ class Router(nn.Cell):
         self.capacity_factor = cfg.capacity_factor
         self.argmax = ops.Argmax(-1, ms.int32)
         self.on, self.off = Tensor(1, ms.int32), Tensor(0, ms.int32)
+        self.topk = ops.TopK(sorted=True) if backend == "ascend" else None
+        self.moge_gating = None
+        if backend == "ascend" and self.moge and not self.use_bias:
+            from .kernels import make_moge_gating
+
+            self.moge_gating = make_moge_gating(self.top_k)
+            self.unit_scale = Tensor(np.ones((cfg.num_experts,), np.float32))  # the layer applies router_scale
         self.use_kernel = backend == "cpu_kernel"
         if self.use_kernel:
             from .kernels import gating_config, make_gating
@@ -120,11 +133,19 @@ class Router(nn.Cell):
         if self.use_bias:
             choice = scores + self.e_score_correction_bias
         choice = ops.stop_gradient(choice)
-        if self.moge:
+        if self.moge_gating is not None:  # softmax is monotone: the op's per-group top-k of it is the logits'
+            indices = self.moge_gating(ops.stop_gradient(logits), self.unit_scale, self.groups, self.top_k)[1]
+        elif self.moge and self.topk is not None:
+            t = logits.shape[0]
+            local = self.topk(choice.reshape(t, self.groups, self.per_group), self.k_per_group)[1]
+            indices = (local.astype(ms.int32) + self.group_offsets).reshape(t, self.top_k)
+        elif self.moge:
             t = logits.shape[0]
             grouped = choice.reshape(t, self.groups, self.per_group)
             local = self.top_k_indices(grouped, self.k_per_group)
             indices = (local + self.group_offsets).reshape(t, self.top_k)
+        elif self.topk is not None:
+            indices = self.topk(choice, self.top_k)[1].astype(ms.int32)
         else:
             indices = self.top_k_indices(choice, self.top_k)
         weights = ops.gather_elements(scores, 1, indices)

@@ -7,7 +7,7 @@ A dispatcher sits between the router and the grouped experts, as in Megatron
     ys = experts(xs, group_expert, tokens_per_expert)                                              # [G, M, H]
     y = dispatcher.combine(ys, weights [T, K], slot_of_row)                                        # [T, H]
 
-Three implementations, chosen by ``moe.dispatch_backend`` when the model is built (:func:`build_dispatcher`):
+Four implementations, chosen by ``moe.dispatch_backend`` when the model is built (:func:`build_dispatcher`):
 
 - ``reference`` (:class:`BlockPaddedDispatcher`): a counting sort places each (token, slot) row in its expert's
   segment; every segment is padded to a multiple of ``block`` rows, so the permuted buffer has the static size
@@ -18,6 +18,13 @@ Three implementations, chosen by ``moe.dispatch_backend`` when the model is buil
 - ``expert_major`` (:class:`ExpertMajorDispatcher`): an [E, T, H] buffer, one group per expert, so semi-auto
   parallel can shard the expert axis over EP and the redistribution is the dispatch (what ``parallelize``
   needs). It holds E / K times the routed rows.
+- ``ascend`` (:class:`AlltoAllDispatcher`): Megatron's all-to-all dispatcher (``MoEAlltoAllTokenDispatcher``)
+  from MindSpore's fused Ascend ops: ``moe_token_permute`` sorts the routed rows by expert, an all-to-all sends
+  each EP rank the rows of its experts (``AlltoAllV``), an all-gather shares them inside the expert tensor parallel
+  group (``AllGatherV``), a second permute groups them by local expert for ``GroupedMatmul`` (``experts.py``), and
+  the way back is the reverse (``ReduceScatterV`` sums the expert-TP partial outputs). The rows are the routed
+  rows only (no padding, no E / K buffer), with data-dependent shapes once EP or expert TP is on; the MoE layer
+  runs it inside a ``Morph`` whose layout ``parallelize`` sets (mindformers' ``FFNGroupedGEMM``). Ascend only.
 """
 from __future__ import annotations
 
@@ -27,8 +34,9 @@ import mindspore as ms
 from mindspore import Tensor, nn, ops
 
 from ..kernels import resolve_kernels, semi_auto_parallel
-from ..layers import dynamic_range, static_range
+from ..layers import dynamic_range, ms_dtype, static_range
 from .kernels import make_permute, make_unpermute
+from .router import expert_counts
 
 
 def block_size(rows: int, num_experts: int) -> int:
@@ -175,28 +183,152 @@ class ExpertMajorDispatcher(nn.Cell):
         return _combine(ys, weights, slot_of_row, self.combine_rows)
 
 
+class AlltoAllDispatcher(nn.Cell):
+    """All-to-all token dispatch over expert parallel (EP) and expert tensor parallel (ETP) ranks, from MindSpore's
+    fused Ascend ops (module docstring; Megatron ``token_dispatcher.py: MoEAlltoAllTokenDispatcher``, mindformers
+    ``parallel_core/training_graph/transformer/moe/token_dispatcher.py``).
+
+    It works on one rank's tokens. With ``ep = etp = 1`` (the default) it is permute -> grouped experts ->
+    unpermute on one device; :meth:`set_expert_parallel` (called by ``mindpangu.parallel.parallelize``) names the
+    groups: the EP group holds the ``ep`` ranks whose ``E / ep`` local experts together make all experts, the ETP
+    group the ``etp`` ranks that split each local expert's intermediate dimension.
+
+    The fused ops and the collectives are one method each (:meth:`permute` ... :meth:`reduce_scatter_v`), so that a
+    CPU test stands in for them over virtual ranks (``tests/test_ascend_dispatch.py``). Rows travel in
+    ``compute_dtype``. A rank that receives no rows at all would hand ``GroupedMatmul`` an empty input; with
+    dropless routing over real batch sizes that does not happen (mindformers pads one row per expert for it).
+    """
+
+    def __init__(self, num_experts: int, hidden: int, compute_dtype: str = "float32"):
+        super().__init__()
+        self.num_experts, self.hidden = num_experts, hidden
+        self.dtype = ms_dtype(compute_dtype)
+        self.ep, self.etp = 1, 1
+        self.ep_group = self.etp_group = None
+        self.to_host = ops.MoveTo()
+
+    def set_expert_parallel(self, ep: int, ep_group: str, etp: int = 1, etp_group: str = None):
+        """Dispatch over ``ep`` ranks (communication group ``ep_group``), each local expert split over ``etp``
+        ranks (``etp_group``); the groups must exist (``mindspore.communication.create_group``)."""
+        if self.num_experts % ep:
+            raise ValueError(f"expert_parallel ({ep}) must divide the {self.num_experts} experts")
+        self.ep, self.ep_group, self.etp, self.etp_group = ep, ep_group, etp, etp_group
+        if ep > 1:
+            self.all_to_all_op = ops.AlltoAll(split_count=ep, split_dim=0, concat_dim=0, group=ep_group)
+            self.all_to_all_v_op = ops.AlltoAllV(group=ep_group)
+        if etp > 1:
+            self.all_gather_op = ops.AllGather(group=etp_group)
+            self.all_gather_v_op = ops.AllGatherV(group=etp_group)
+            self.reduce_scatter_v_op = ops.ReduceScatterV(group=etp_group)
+
+    # ---- the fused ops and collectives (one method each) ----
+
+    def permute(self, rows, indices):
+        """rows [N, H], indices [N, K] or [N] int32 -> (permuted [N * K, H] grouped by index, stable;
+        sorted_indices [N * K] int32: where row (n, k) went). ``ops.moe_token_permute``."""
+        return ops.moe_token_permute(rows, indices)
+
+    def unpermute(self, permuted, sorted_indices, probs=None):
+        """Inverse of :meth:`permute`: without ``probs`` -> [N * K, H] in the original order; with ``probs``
+        [N, K] -> [N, H] = sum_k probs[n, k] * permuted[sorted_indices[n * K + k]]. ``ops.moe_token_unpermute``."""
+        return ops.moe_token_unpermute(permuted, sorted_indices, probs)
+
+    def host(self, counts):
+        """Split sizes for the ``*V`` collectives, on the host (as mindformers moves them)."""
+        return self.to_host(counts.astype(ms.int64), "CPU", True)
+
+    def all_to_all(self, x):
+        """x [ep, ...]: row j to EP rank j -> [ep, ...], row j from EP rank j."""
+        return self.all_to_all_op(x)
+
+    def all_to_all_v(self, rows, send, recv, width: int):
+        """rows [R, width], send / recv [ep] rows to / from each EP rank -> [sum(recv), width]."""
+        return self.all_to_all_v_op(rows.reshape(-1), send * width, recv * width).reshape(-1, width)
+
+    def all_gather(self, x):
+        """x [n, ...] -> [etp * n, ...] over the ETP group, rank order."""
+        return self.all_gather_op(x)
+
+    def all_gather_v(self, rows, sizes, width: int):
+        """rows [R, width], sizes [etp] rows of each ETP rank -> [sum(sizes), width], rank order."""
+        return self.all_gather_v_op(rows.reshape(-1), sizes * width).reshape(-1, width)
+
+    def reduce_scatter_v(self, rows, sizes, width: int):
+        """rows [sum(sizes), width] -> this rank's [sizes[rank], width] of the sum over the ETP group."""
+        return self.reduce_scatter_v_op(rows.reshape(-1), sizes * width).reshape(-1, width)
+
+    # ---- dispatch and combine ----
+
+    def dispatch(self, x, indices):
+        """x [T, H], indices [T, K] int32 (global expert ids) -> (rows [R, H] grouped by local expert, None, state
+        for :meth:`combine`, tokens_per_expert [E / ep] int32: the rows of each local expert)."""
+        e, ep, etp = self.num_experts, self.ep, self.etp
+        rows, sorted_indices = self.permute(x.astype(self.dtype), indices)
+        counts = expert_counts(indices, e).astype(ms.int32)
+        send = recv = sizes = by_expert = None
+        if ep == 1 and etp == 1:
+            return rows, None, (sorted_indices, send, recv, sizes, by_expert), counts
+        # each row's expert id travels with it (float: exact below 2^24), to regroup by local expert on arrival
+        expert_of_row = ops.sort(indices.reshape(-1).astype(ms.float32))[0].reshape(-1, 1)
+        counts_in = counts.reshape(ep, e // ep)  # [ep, E/ep]: rows from each EP rank, per local expert
+        if ep > 1:
+            counts_in = self.all_to_all(counts_in)
+            send = self.host(counts.reshape(ep, e // ep).sum(1))
+            recv = self.host(counts_in.sum(1))
+            rows = self.all_to_all_v(rows, send, recv, self.hidden)
+            expert_of_row = self.all_to_all_v(expert_of_row, send, recv, 1)
+        if etp > 1:  # every ETP rank computes its slice of the intermediate dimension for all of the rows
+            counts_in = self.all_gather(counts_in)  # [etp * ep, E/ep]
+            sizes = self.host(counts_in.reshape(etp, -1).sum(1))
+            rows = self.all_gather_v(rows, sizes, self.hidden)
+            expert_of_row = self.all_gather_v(expert_of_row, sizes, 1)
+        rows, by_expert = self.permute(rows, expert_of_row.reshape(-1).astype(ms.int32))
+        tokens_per_expert = counts_in.sum(0).astype(ms.int32)
+        return rows, None, (sorted_indices, send, recv, sizes, by_expert), tokens_per_expert
+
+    def combine(self, ys, weights, state):
+        """ys [R, H] (as :meth:`dispatch` grouped them), weights [T, K] float32, state -> y [T, H] float32."""
+        sorted_indices, send, recv, sizes, by_expert = state
+        if self.ep > 1 or self.etp > 1:
+            ys = self.unpermute(ys, by_expert)  # back to arrival order
+        if self.etp > 1:
+            ys = self.reduce_scatter_v(ys, sizes, self.hidden)  # sum the partial outputs of the expert's intermediate slices
+        if self.ep > 1:
+            ys = self.all_to_all_v(ys, recv, send, self.hidden)
+        return self.unpermute(ys, sorted_indices, weights.astype(ys.dtype)).astype(ms.float32)
+
+
 def resolve_backend(requested: str) -> str:
-    """The dispatch implementation to build for ``moe.dispatch_backend``: 'reference', 'cpu_kernel' or
-    'expert_major'.
+    """The dispatch implementation to build for ``moe.dispatch_backend``: 'reference', 'cpu_kernel',
+    'expert_major' or 'ascend'.
 
     auto: expert_major under a semi-auto / auto parallel context (what ``parallelize`` shards); otherwise the C++
     kernels on CPU when they build (faster, see ``tools/bench.py ops``), else the reference path.
-    Raises ValueError for 'ascend' (not implemented) and for 'cpu_kernel' off CPU.
+    Raises ValueError for 'ascend' off Ascend (MindSpore has no CPU or GPU kernels for its fused MoE ops) and for
+    'cpu_kernel' off CPU.
     """
     if requested == "expert_major":
         return requested
     if requested == "ascend":
-        raise ValueError("moe.dispatch_backend 'ascend' (MindSpore's fused Ascend MoE ops) is not implemented yet; "
-                         "use 'reference' (runs everywhere), 'expert_major' (semi-auto parallel) or 'auto'")
+        target = ms.get_context("device_target")
+        if target != "Ascend":
+            raise ValueError(f"moe.dispatch_backend 'ascend' runs MindSpore's fused Ascend MoE ops (MoeTokenPermute, "
+                             f"GroupedMatmul, MoeTokenUnpermute, AlltoAllV), which have no {target} kernels; use "
+                             "'auto', 'reference' or 'expert_major' here")
+        return requested
     if requested == "auto" and semi_auto_parallel():
         return "expert_major"
     return resolve_kernels(requested, "moe.dispatch_backend")
 
 
-def build_dispatcher(backend: str, num_experts: int, block: int = 0, dynamic: bool = False):
+def build_dispatcher(backend: str, num_experts: int, block: int = 0, dynamic: bool = False, hidden: int = 0,
+                     compute_dtype: str = "float32"):
     """The dispatcher cell of a resolved ``backend`` (see :func:`resolve_backend`); ``block`` > 0 fixes the
     reference layout's block size (the config allows it with 'reference' only); ``dynamic``: token counts known
-    only at run time (``model.dynamic_shapes``; the reference layout only)."""
+    only at run time (``model.dynamic_shapes``; the reference layout only); ``hidden`` (the token width) and
+    ``compute_dtype`` (the dtype rows travel in): the 'ascend' dispatcher's."""
+    if backend == "ascend":
+        return AlltoAllDispatcher(num_experts, hidden, compute_dtype)
     if backend == "cpu_kernel":
         return KernelDispatcher(num_experts)
     if backend == "expert_major":

@@ -2,12 +2,15 @@
 # Compile-only stub CANN libraries generated from the installed MindSpore wheel, so that its Ascend plugin loads on
 # a CPU host and MS_SIMULATION_LEVEL=0 (DryRun) compiles real semi-auto-parallel graphs. Never used to execute.
 # make_fake_cann.sh <python-with-mindspore> <out_dir>; then
-#   export LD_LIBRARY_PATH=<out_dir>/latest/lib64 PYTHONPATH=<out_dir>/py:$PYTHONPATH
+#   export LD_LIBRARY_PATH=<out_dir>/latest/lib64 PYTHONPATH=<out_dir>/py:$PYTHONPATH ASCEND_OPP_PATH=<out_dir>/latest/opp
+# (ASCEND_OPP_PATH and latest/include/acl/acl_base.h: ops.Custom for an Ascend C op compiles a small launcher against
+# CANN's acl_base.h, which it finds as <ASCEND_OPP_PATH up to "opp">/include.)
 set -euo pipefail
 PY=${1:?python}; OUT=${2:?out_dir}
 MSLIB=$($PY -c "import os,importlib.util;print(os.path.join(os.path.dirname(importlib.util.find_spec('mindspore').origin),'lib'))")
 SITE=$(dirname "$(dirname "$MSLIB")")
-W=$(mktemp -d); mkdir -p "$OUT/latest/lib64" "$OUT/py/hccl"
+W=$(mktemp -d); mkdir -p "$OUT/latest/lib64" "$OUT/py/hccl" "$OUT/latest/include/acl" "$OUT/latest/opp"
+printf '/* compile-only stub of CANN acl/acl_base.h */\n#include <stddef.h>\n#include <stdint.h>\n' > "$OUT/latest/include/acl/acl_base.h"
 find "$MSLIB" -name "*.so*" -type f > "$W/libs"
 ( cat "$W/libs"; ls /lib/x86_64-linux-gnu/*.so* /usr/lib/x86_64-linux-gnu/*.so* "$SITE"/*/*.so "$SITE"/*.libs/*.so* 2>/dev/null ) \
   | while read -r f; do { nm -D --defined-only "$f" 2>/dev/null || true; } | awk '{print $3}'; done | sed 's/@.*//' | sort -u > "$W/defined"

@@ -6,10 +6,11 @@
   over TP), row-parallel (o_proj, SwiGLU down: input features over TP, partial sums all-reduced, or
   reduce-scattered over tokens with sequence parallel), replicated (the MLA latent down-projections, eh_proj);
 - RMSNorm over (DP, sequence / TP with sequence parallel); the router replicated over tokens split by DP;
-- routed experts over EP on the expert axis and over ``Layout.expert_tp`` inside each expert; the MoE layers
-  must be built with the expert-major token dispatcher (``moe.dispatch_backend: expert_major``, which ``auto``
-  resolves to under a semi-auto parallel context), so that the redistribution between token-split and
-  expert-split tensors is the dispatch;
+- routed experts over EP on the expert axis and over ``Layout.expert_tp`` inside each expert, with one of two
+  token dispatchers: expert-major (``moe.dispatch_backend: expert_major``, which ``auto`` resolves to under a
+  semi-auto parallel context), where the redistribution between token-split and expert-split tensors is the
+  dispatch; or the all-to-all dispatcher of the ``ascend`` backend, whose ``Morph`` gets a layout (every rank its
+  own tokens, its experts' weights) and whose EP and expert-TP communication groups are created here;
 - ``pipeline_stage`` per cell from ``stage_plan`` (with VPP, each layer's stage is its chunk's; MindSpore orders the
   chunks of a stage itself, as mindformers relies on).
 Everything not named here (attention scores, RoPE, the routing arithmetic) keeps MindSpore's default strategy.
@@ -24,10 +25,11 @@ from dataclasses import dataclass
 from typing import Dict, Iterator, List, Tuple
 
 from mindspore import nn
+from mindspore.parallel.shard import Layout as DeviceLayout
 
 from ..config.schema import TrainConfig
 from ..layers import CausalSoftmax, Embedding, Linear, RMSNorm, SwiGLU
-from ..moe import ExpertMajorDispatcher, GroupedExperts, MoELayer, Router
+from ..moe import AlltoAllDispatcher, ExpertMajorDispatcher, GroupedExperts, MoELayer, Router
 from .plan import Layout, ParallelConfigError, check_layout, stage_plan
 
 COLUMN = {"q_b_proj", "q_proj", "kv_b_proj", "k_proj", "v_proj", "gate_proj", "up_proj", "lm_head"}
@@ -157,16 +159,79 @@ def _shard_norm(name: str, cell: RMSNorm, d: Degrees):
     cell.scale.shard((s, (1,)))
 
 
-def _shard_dispatcher(name: str, cell: MoELayer, d: Degrees):
+def expert_parallel_ranks(layout: Layout, rank: int) -> Tuple[List[int], List[int]]:
+    """(EP group, expert-TP group) of global ``rank`` for the all-to-all dispatcher: inside a pipeline stage,
+    rank g has expert-TP coordinate g % etp and EP coordinate (g // etp) % ep, the device matrix
+    (stage / (ep * etp), ep, etp) that :func:`_shard_alltoall` gives its ``Morph`` (last axis fastest, as
+    MindSpore numbers devices). These are the plan's EP groups (``plan.groups``) when EP is carved right after the
+    expert-TP ranks in ``rank_order`` (the default tp-cp-ep-dp-pp), which ``_shard_alltoall`` requires."""
+    ep, etp = layout.ep, layout.expert_tp
+    base = rank - rank % layout.stage_size
+    g = rank % layout.stage_size
+    block = base + g // (ep * etp) * ep * etp
+    ep_ranks = [block + j * etp + g % etp for j in range(ep)]
+    etp_ranks = [block + (g // etp) % ep * etp + t for t in range(etp)]
+    return ep_ranks, etp_ranks
+
+
+_GROUPS: Dict[Tuple[int, ...], str] = {}
+
+
+def _communication_group(ranks: List[int]) -> str:
+    """A MindSpore communication group of ``ranks`` (created once per process)."""
+    if tuple(ranks) not in _GROUPS:
+        from mindspore.communication import create_group
+
+        name = "mindpangu_" + "_".join(map(str, ranks))
+        create_group(name, list(ranks))
+        _GROUPS[tuple(ranks)] = name
+    return _GROUPS[tuple(ranks)]
+
+
+def _shard_alltoall(name: str, cell: MoELayer, layout: Layout, d: Degrees):
+    """The ``ascend`` backend: the routed experts' ``Morph`` gets a layout over the stage's device matrix
+    (stage / (ep * etp), ep, etp), tokens split over all of it (each rank its own rows: the dispatcher moves them),
+    expert weights over (ep, etp); the dispatcher gets this rank's EP and expert-TP groups; Pro MoE's gating op
+    gets the router's token split."""
+    if layout.ep_stride() != d.etp:
+        raise ValueError(f"parallelize: {name} uses the all-to-all dispatcher (moe.dispatch_backend 'ascend'), which "
+                         f"needs EP carved right after the {d.etp} expert-TP ranks in rank_order; "
+                         f"'{layout.order}' puts {layout.ep_stride()} ranks before it: use the default "
+                         "tp-cp-ep-dp-pp, or moe.dispatch_backend 'expert_major'")
+    if cell.routed_experts_op is None:
+        raise ValueError(f"parallelize: {name} was built in PyNative mode, where the all-to-all dispatcher runs "
+                         "without its Morph; build the model in GRAPH mode for semi-auto parallel")
+    from mindspore.communication import get_rank
+
+    stage = layout.stage_size
+    mesh = DeviceLayout((stage // (d.ep * d.etp), d.ep, d.etp), ("expert_dp", "ep", "etp"))
+    tokens = mesh(("expert_dp", "ep", "etp"), "None")
+    gate_up, down = mesh("ep", "etp", "None"), mesh("ep", "None", "etp")
+    cell.routed_experts_op.shard(in_strategy=(tokens, tokens, tokens, gate_up, gate_up, down),
+                                 out_strategy=(tokens,))
+    ep_ranks, etp_ranks = expert_parallel_ranks(layout, get_rank())
+    cell.token_dispatcher.set_expert_parallel(d.ep, _communication_group(ep_ranks) if d.ep > 1 else None,
+                                              d.etp, _communication_group(etp_ranks) if d.etp > 1 else None)
+    if cell.gate.moge_gating is not None:  # a self-defined-shard op: a layout, not a strategy
+        rows = DeviceLayout((d.tokens, stage // d.tokens), ("tokens", "rest"))
+        cell.gate.moge_gating.shard(in_strategy=(rows("tokens", "None"), rows("None")),
+                                    out_strategy=(rows("tokens", "None"), rows("tokens", "None")))
+
+
+def _shard_dispatcher(name: str, cell: MoELayer, layout: Layout, d: Degrees):
     dispatcher = cell.token_dispatcher
-    if not isinstance(dispatcher, ExpertMajorDispatcher):
+    if not isinstance(dispatcher, (ExpertMajorDispatcher, AlltoAllDispatcher)):
         raise ValueError(f"parallelize: {name} was built with the '{cell.backend}' token dispatcher; parallel layouts "
                          "need moe.dispatch_backend 'expert_major' (or 'auto' under a semi-auto parallel context), "
-                         "whose [experts, tokens, hidden] buffer is sharded over EP")
+                         "whose [experts, tokens, hidden] buffer is sharded over EP, or 'ascend' (all-to-all)")
     if cell.gate.capacity_factor is not None:
         raise ValueError(f"parallelize: {name} drops tokens (moe.capacity_factor {cell.gate.capacity_factor}); "
                          "the capacity is counted per process, not per EP group, so parallel layouts train "
                          "dropless: set moe.capacity_factor to null")
+    if isinstance(dispatcher, AlltoAllDispatcher):
+        _shard_alltoall(name, cell, layout, d)
+        return
+    _shard_experts(cell.experts, d)
     dispatcher.sort.shard(((1,),))
     dispatcher.dispatch_rows.shard(((1, 1), (d.ep, 1)))  # [T+1, H] by [E, T] -> [E, T, H], experts over EP
     dispatcher.combine_rows.shard(((1, 1), (d.dp,)))  # back to routed rows in token order, split by DP
@@ -194,7 +259,7 @@ def sharded_primitives(model: nn.Cell) -> Iterator[Tuple[str, object]]:
 
 def parallelize(model: nn.Cell, cfg: TrainConfig) -> nn.Cell:
     """Give ``model`` the shard strategies and pipeline stages of ``cfg.parallel_config`` (in place)."""
-    check_layout(cfg)
+    layout = check_layout(cfg)
     d = Degrees.from_config(cfg)
     for name, cell in model.cells_and_names():
         if isinstance(cell, Linear):
@@ -213,9 +278,8 @@ def parallelize(model: nn.Cell, cfg: TrainConfig) -> nn.Cell:
         elif isinstance(cell, Router):
             cell.matmul.shard(((d.tokens, 1), (1, 1)))
         elif isinstance(cell, MoELayer):
-            _shard_dispatcher(name, cell, d)
-        elif isinstance(cell, GroupedExperts):
-            _shard_experts(cell, d)
+            _shard_dispatcher(name, cell, layout, d)
+
     if cfg.parallel_config.pipeline_stage > 1:
         assign_stages(model, cfg)
     return model

@@ -4,7 +4,8 @@ Loading the recipe already checked every key on its own (type, range, finite num
 between sections (``mindpangu.config.schema.CONSTRAINTS``). This adds what depends on the run, the machine and
 the files, in this order:
 
-1. the device: bfloat16 matmul does not run on MindSpore's CPU backend;
+1. the device: bfloat16 matmul does not run on MindSpore's CPU backend; on Ascend the ``ascend`` dispatch of a MoGE
+   router needs the MogeGating Ascend C op installed;
 2. the parallel layout (``mindpangu.parallel.plan.check_layout``): one that cannot run anywhere is refused on any
    number of processes; on one process a valid multi-device layout is reported once, saying which degrees are
    emulated and which ignored; across msrun processes on CPU only data parallel runs;
@@ -25,6 +26,7 @@ from ..config import ConfigError, TrainConfig
 from ..data.corpus import JSONL_SUFFIXES, TEXT_SUFFIXES
 from ..data.mindrecord import METADATA
 from ..data.tokenizer import load_tokenizer
+from ..moe.kernels import moge_gating_header
 from ..params import count_parameters
 from ..parallel.memory import activation_elements
 from ..parallel.plan import Layout, check_layout
@@ -183,11 +185,24 @@ def check_data(cfg: TrainConfig) -> None:
                               value=vocab, allowed=f">= {data_vocab}")
 
 
-def preflight(cfg: TrainConfig, world: int, engine: str, memory_check: bool = True) -> List[str]:
-    """Every check above, in order; returns the notes to print once (e.g. the emulated parallel degrees)."""
+def check_device(cfg: TrainConfig) -> None:
+    """What the device cannot run: bfloat16 on CPU; the MoGE gating op on Ascend when it is not installed."""
     if cfg.context.device_target == "CPU" and cfg.model.compute_dtype == "bfloat16":
         raise ConfigError("model.compute_dtype", "bfloat16 matmul does not run on MindSpore's CPU backend",
                           value="bfloat16", allowed="float32 | float16")
+    moe = cfg.model.moe
+    if (cfg.context.device_target == "Ascend" and moe.dispatch_backend == "ascend" and moe.router == "moge"
+            and not moe.balance_loss.expert_bias.enabled and moge_gating_header() is None):
+        raise ConfigError("model.moe.dispatch_backend", "'ascend' routes MoGE with the Ascend C MogeGating op, which "
+                          "is not installed (no op_api/include/aclnn_moge_gating.h under ASCEND_CUSTOM_OPP_PATH or "
+                          "$ASCEND_OPP_PATH/vendors/*)", value="ascend",
+                          allowed="build and install it first (bash ops/ascendc/moge_gating/build.sh, then its .run "
+                                  "package or ASCEND_CUSTOM_OPP_PATH; ops/ascendc/README.md), or expert_major")
+
+
+def preflight(cfg: TrainConfig, world: int, engine: str, memory_check: bool = True) -> List[str]:
+    """Every check above, in order; returns the notes to print once (e.g. the emulated parallel degrees)."""
+    check_device(cfg)
     notes = check_layout_for_run(cfg, world)
     if memory_check:
         check_memory(cfg, engine)

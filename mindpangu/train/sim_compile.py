@@ -30,7 +30,8 @@ def stub_cann(python: str = sys.executable, log=print) -> str:
     import mindspore
 
     final = os.path.join(cache_root(), "fake_cann", mindspore.__version__)
-    if os.path.isfile(os.path.join(final, "latest", "lib64", "libge_runner.so")):
+    if all(os.path.isfile(os.path.join(final, "latest", *f)) for f in (("lib64", "libge_runner.so"),
+                                                                       ("include", "acl", "acl_base.h"))):
         return final
     log(f"building stub CANN libraries for mindspore {mindspore.__version__} into {final} ...")
     os.makedirs(os.path.dirname(final), exist_ok=True)
@@ -51,6 +52,8 @@ class CompileReport:
     strategy_file: str
     strategies: int                        # operator strategies in the strategy file
     seconds: float
+    operators: List[str] = field(default_factory=list)    # the strategy file's operators (e.g. Morph_<first param>)
+    ascend_c_ops: List[str] = field(default_factory=list)  # Ascend C custom ops whose launcher was compiled
     mismatches: List[str] = field(default_factory=list)
 
     @property
@@ -79,6 +82,7 @@ def compile_rank(config: str, rank: int, out_dir: str, overrides: Optional[List[
     stubs = stub_cann(log=log)
     os.makedirs(out_dir, exist_ok=True)
     env = dict(os.environ, LD_LIBRARY_PATH=os.path.join(stubs, "latest", "lib64"),
+               ASCEND_OPP_PATH=os.path.join(stubs, "latest", "opp"),
                PYTHONPATH=os.pathsep.join([os.path.join(stubs, "py")] + [p for p in sys.path if p]),
                MS_SIMULATION_LEVEL="0", RANK_SIZE=str(layout.world), RANK_ID=str(rank), GLOG_v="3")
     args = [sys.executable, "-m", "mindpangu.train.sim_compile", os.path.abspath(config), str(rank),
@@ -125,18 +129,22 @@ def _worker(config: str, rank: int, out_dir: str, overrides: List[str]) -> None:
     init()
     strategy_file = os.path.join(out_dir, f"strategy_rank{rank}.ckpt")
     ms.set_auto_parallel_context(**auto_parallel_context(cfg), strategy_ckpt_config={"save_file": strategy_file})
-    cfg.model.moe.dispatch_backend = "expert_major"  # the dispatcher and norms parallelize shards
+    if cfg.model.moe.dispatch_backend != "ascend":  # the dispatchers parallelize shards
+        cfg.model.moe.dispatch_backend = "expert_major"
     cfg.model.norm_backend = cfg.model.attention_backend = "reference"
     model = parallelize(build_model(cfg.model, seed=cfg.seed), cfg)
     predicted = {k: list(v) for k, v in predicted_slices(model, cfg, rank).items()}  # before compiling slices them
 
     class PipelinedLoss(TotalLoss):
-        @ms.lazy_inline  # MindSpore requires it for interleaved pipelines: one graph reused per micro-batch
+        # one graph reused per micro-batch (mindformers' pipelines use it throughout): MindSpore requires it for
+        # interleaved pipelines, and without it a Morph (the ascend dispatch) on a later stage fails to compile
+        # ("The pointer[abs] is null" in AddMonadParameterForFuncGraph)
+        @ms.lazy_inline
         def __init__(self, *args):
             super().__init__(*args)
 
-    net = (PipelinedLoss if cfg.parallel_config.pp_interleave_num > 1 else TotalLoss)(model, cfg)
     p = cfg.parallel_config
+    net = (PipelinedLoss if p.pipeline_stage > 1 else TotalLoss)(model, cfg)
     micro = p.micro_batch_num if p.pipeline_stage > 1 else 1
     if p.pipeline_stage > 1:
         net = nn.PipelineCell(net, micro)
@@ -155,8 +163,12 @@ def _worker(config: str, rank: int, out_dir: str, overrides: List[str]) -> None:
     with open(strategy_file, "rb") as f:
         strategy_map.ParseFromString(f.read())
     stage = rank // Layout.from_config(cfg).stage_size
+    meta = os.path.join(out_dir, "custom_kernel_meta", f"rank_{rank}")
+    launchers = sorted(d for d in os.listdir(meta) if os.path.isdir(os.path.join(meta, d))) if os.path.isdir(meta) else []
     out = {"stage": stage, "slices": slices, "predicted": predicted, "strategy_file": strategy_file,
-           "strategies": len(strategy_map.parallel_strategy_item), "seconds": round(time.time() - start, 1)}
+           "strategies": len(strategy_map.parallel_strategy_item), "seconds": round(time.time() - start, 1),
+           "operators": sorted(item.node_name for item in strategy_map.parallel_strategy_item),
+           "ascend_c_ops": launchers}
     with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
         json.dump(out, f, indent=1)
 
