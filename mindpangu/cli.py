@@ -461,12 +461,16 @@ def sim_compile_main(argv=None):
     p.add_argument("--rank", type=int, nargs="+", default=[0], help="simulated rank(s) to compile as")
     p.add_argument("--out", default="sim_compile", help="directory for logs, strategy files and reports")
     p.add_argument("--show", action="store_true", help="list every parameter's compiled slice")
+    p.add_argument("--mindformers", action="store_true",
+                   help="--config is a mindformers recipe (yaml_configs/mindformers/), compiled through mindformers' "
+                        "build_context and Trainer; run with the mindformers environment's python (.venv-mf); "
+                        "overrides use the recipe's own keys (model.model_config.hidden_size=64)")
     args = _parse(p, argv)
     from .train.sim_compile import compile_rank
 
     failed = False
     for rank in args.rank:
-        r = compile_rank(args.config, rank, args.out, args.overrides)
+        r = compile_rank(args.config, rank, args.out, args.overrides, mindformers=args.mindformers)
         verdict = "all match" if r.ok else f"{len(r.mismatches)} MISMATCH"
         print(f"{args.config} {r.layout} rank {r.rank} (stage {r.stage}): compiled in {r.seconds:.1f} s, "
               f"{len(r.slices)} parameters on this rank, {r.strategies} operator strategies in "

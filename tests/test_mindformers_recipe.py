@@ -45,7 +45,8 @@ def test_published_layouts_in_mindformers_terms():
     assert sum(map(sum, offset)) == 61 - 32
     assert ultra["parallel"]["pipeline_config"]["pipeline_interleave"] is True
     pro = to_mindformers(mp.load_config(os.path.join(ROOT, "yaml_configs/pangu_pro_moe/72b.yaml")))
-    assert pro["model"]["model_config"]["moe"]["router"] == "moge" and pro["mindpangu"]["parallel_config"]["noop_layers"] == 2
+    assert pro["model"]["model_config"]["moe"]["router"] == "moge" and pro["model"]["model_config"]["noop_layers"] == 2
+    assert pro["lr_schedule"]["type"] == "PanguMultiCosineLR" and len(pro["lr_schedule"]["legs"]) == 3
     offset = pro["model"]["model_config"]["offset"]  # 48 + 2 no-op layers over 25 chunks: 2 each, no offset
     assert sum(map(sum, offset)) == 0 and pro["parallel_config"]["expert_parallel"] == 2
 

@@ -5,7 +5,13 @@
 - models ``PanguUltraMoEForCausalLM`` / ``PanguProMoEForCausalLM`` (MindFormerModuleType.MODELS): our model
   under the same parameter names, whose ``construct(input_ids)`` returns our full training loss (LM + MTP +
   balance + z-loss) for mindformers' trainers, where input_ids carry seq_length + 1 tokens; ``logits(ids)``
-  gives the logits.
+  gives the logits. Under mindformers' semi-auto parallel context (``build_context`` with ``use_parallel``) the
+  network lays itself out with ``mindpangu.parallel.parallelize`` from the ``parallel_config`` mindformers hands
+  it (degrees, micro-batches, sequence parallel), ``pp_interleave_num`` and the model config's ``seq_length``,
+  ``rank_order``, ``noop_layers`` and ``pipeline_layers`` (``to_mindformers`` writes them); its ``__init__`` is
+  ``lazy_inline`` as mindformers' own models are (not on one card, nor with ``disable_lazy_inline``);
+- the LR schedule ``PanguMultiCosineLR`` (MindFormerModuleType.LR): our ``multi_cosine`` (Pro MoE), which
+  mindformers lacks.
 
 so a mindformers YAML can say ``model: {arch: {type: PanguUltraMoEForCausalLM}, model_config: {type:
 PanguUltraMoEConfig, ...}}`` (``tools/to_mindformers.py`` writes such YAML from our recipes). Needs the extra:
@@ -15,9 +21,13 @@ from __future__ import annotations
 
 import logging
 
-from mindspore import nn
+import numpy as np
+import mindspore as ms
+from mindspore import Tensor, nn, ops
+from mindspore.nn.learning_rate_schedule import LearningRateSchedule
 
 try:
+    from mindformers.models.utils import lazy_inline
     from mindformers.tools.register import MindFormerModuleType, MindFormerRegister
 except ImportError as e:  # pragma: no cover - depends on the environment
     raise ImportError("mindpangu.integrations.mindformers needs mindformers: pip install 'mindpangu[mindformers]' "
@@ -25,13 +35,23 @@ except ImportError as e:  # pragma: no cover - depends on the environment
 
 from ..config import ConfigError
 from ..config.loader import model_config_from_dict
-from ..config.schema import TrainConfig
+from ..config.schema import LRScheduleConfig, TrainConfig
+from ..kernels import semi_auto_parallel
 from ..models import build_model
+from ..parallel.strategy import parallelize
+from ..parallel.plan import check_layout
+from ..train.optim import learning_rate as schedule
 from ..train.step import TotalLoss
+from .mindformers_recipe import MODEL_PARALLEL
 
-# keys mindformers puts into a model config that are not model hyper-parameters (its trainer passes the last five)
+# keys mindformers puts into a model config that are not model hyper-parameters (its trainer passes
+# parallel_config ... batch_size; seq_length is its sequence length key), and our parallel keys (MODEL_PARALLEL)
 MINDFORMERS_KEYS = ("offset", "pp_interleave_num", "checkpoint_name_or_path", "pet_config", "quantization_config",
-                    "parallel_config", "moe_config", "dataset_config", "calculate_per_token_loss", "batch_size")
+                    "parallel_config", "moe_config", "dataset_config", "calculate_per_token_loss", "batch_size",
+                    "seq_length", "disable_lazy_inline") + MODEL_PARALLEL
+# mindformers' parallel_config attributes that are ours under the same name
+PARALLEL_DEGREES = ("data_parallel", "model_parallel", "context_parallel", "expert_parallel", "pipeline_stage",
+                    "micro_batch_num", "use_seq_parallel", "vocab_emb_dp")
 
 
 class _PanguConfig:
@@ -68,16 +88,60 @@ class PanguProMoEConfig(_PanguConfig):
     MODEL_TYPE = "pangu_pro_moe"
 
 
-class _PanguForCausalLM(nn.Cell):
-    """Our causal LM as a mindformers network (parameter names unchanged: ``model.*``, ``lm_head.weight``)."""
+def train_config(config: _PanguConfig) -> TrainConfig:
+    """Our TrainConfig for a network built by mindformers: the model, and the parallel layout from what mindformers
+    passes (``config.parallel_config``, ``pp_interleave_num``, ``batch_size``) and our keys in the model config.
 
+    The pipeline split follows mindformers' ``offset`` as its own models do (chunk (v, s) holds
+    num_layers // (pp * vpp) + offset[v][s] layers; ``parallel_core/training_graph/transformer/utils.py``) unless
+    the model config names ``pipeline_layers``. With ``noop_layers`` (which mindformers has not) every chunk holds
+    the same number of layer slots, so the offset must be all zeros and our stage plan places the no-op layers.
+    Raises ConfigError when the layout cannot run or the offset does not fit it."""
+    cfg = TrainConfig()
+    cfg.model = config.model
+    p = cfg.parallel_config
+    if config.parallel_config is not None:
+        for key in PARALLEL_DEGREES:
+            setattr(p, key, getattr(config.parallel_config, key, getattr(p, key)))
+        p.optimizer_shard = bool(getattr(config.parallel_config, "optimizer_shard", False))
+    p.pp_interleave_num = config.pp_interleave_num or 1
+    for key in MODEL_PARALLEL:
+        if getattr(config, key) is not None:
+            setattr(p, key, getattr(config, key))
+    if config.seq_length:
+        cfg.train_dataset.seq_length = config.seq_length
+    if config.batch_size:
+        cfg.runner_config.batch_size = config.batch_size
+    pp, vpp = p.pipeline_stage, p.pp_interleave_num
+    if config.offset is not None and pp > 1 and p.pipeline_layers is None:
+        try:  # an int, [pp] or [vpp][pp], as mindformers' LayerSetting takes it
+            rows = np.broadcast_to(np.array(config.offset, np.int64), (vpp, pp))
+        except ValueError:
+            raise ConfigError("model.model_config.offset", f"does not fit pipeline_stage {pp} x pp_interleave_num "
+                              f"{vpp}", value=config.offset, allowed=f"an int, [{pp} ints] or [{vpp}][{pp}] ints")
+        if p.noop_layers and rows.any():
+            raise ConfigError("model.model_config.offset", f"with noop_layers ({p.noop_layers}) every chunk holds "
+                              "the same number of layer slots, so the offset is all zeros", value=config.offset,
+                              allowed="all zeros, or pipeline_layers (layers per chunk) without noop_layers")
+        if not p.noop_layers:
+            p.pipeline_layers = [int(n) for n in (cfg.model.num_layers // (pp * vpp) + rows).reshape(-1)]
+    check_layout(cfg)
+    return cfg
+
+
+class _PanguForCausalLM(nn.Cell):
+    """Our causal LM as a mindformers network (parameter names unchanged: ``model.*``, ``lm_head.weight``), laid out
+    by ``parallelize`` under a semi-auto parallel context."""
+
+    @lazy_inline
     def __init__(self, config: _PanguConfig, seed: int = 1234, **_):
         super().__init__(auto_prefix=False)
         self.config = config
         self.network = build_model(config.model, seed=seed)
-        train_cfg = TrainConfig()
-        train_cfg.model = config.model
-        self.loss = TotalLoss(self.network, train_cfg)
+        cfg = train_config(config)
+        if semi_auto_parallel():
+            parallelize(self.network, cfg)
+        self.loss = TotalLoss(self.network, cfg)
 
     def can_generate(self):
         return False
@@ -102,6 +166,26 @@ class PanguUltraMoEForCausalLM(_PanguForCausalLM):
 @MindFormerRegister.register(MindFormerModuleType.MODELS)
 class PanguProMoEForCausalLM(_PanguForCausalLM):
     """Pangu Pro MoE (mindpangu) for mindformers."""
+
+
+@MindFormerRegister.register(MindFormerModuleType.LR)
+class PanguMultiCosineLR(LearningRateSchedule):
+    """Our ``multi_cosine`` schedule (Pro MoE's consecutive cosine legs after a linear warmup) as a mindformers LR
+    (``lr_schedule: {type: PanguMultiCosineLR, learning_rate, lr_end, warmup_steps, total_steps, legs,
+    warmup_ratio}``; mindformers has no multi-leg schedule). The LR of every step is ``train.optim.learning_rate``'s,
+    tabulated once: step -> float32; from ``total_steps`` on, the last leg's end."""
+
+    def __init__(self, learning_rate, lr_end, warmup_steps, total_steps, legs, warmup_ratio=None, **_):
+        super().__init__()
+        cfg = LRScheduleConfig(type="multi_cosine", learning_rate=learning_rate, lr_end=lr_end,
+                               warmup_steps=warmup_steps, warmup_ratio=warmup_ratio, legs=[list(x) for x in legs])
+        cfg.validate("lr_schedule", {})
+        self.total = int(total_steps)
+        self.table = Tensor(np.array([schedule(i, self.total, cfg) for i in range(self.total + 1)], np.float32))
+
+    def construct(self, global_step):
+        step = ops.minimum(global_step.astype(ms.int32), self.total)
+        return ops.gather(self.table, step.reshape(-1), 0).reshape(global_step.shape)
 
 
 @MindFormerRegister.register(MindFormerModuleType.WRAPPER)

@@ -2,8 +2,12 @@
 
 ``to_mindformers`` writes the sections mindformers reads (``model: {arch, model_config}``, ``parallel_config``,
 ``parallel`` for MindSpore's auto-parallel context, ``runner_config``, ``optimizer``, ``lr_schedule``, ``context``,
-``callbacks``), with the pipeline ``offset`` and ``pp_interleave_num`` taken from our stage plan; everything
-mindformers has no key for (our data pipeline, logging, mesh, rank order, no-op layers...) goes under a
+``callbacks``), with the pipeline ``offset`` and ``pp_interleave_num`` taken from our stage plan. The model config
+also carries what our network needs to lay itself out under mindformers' parallel context (mindformers hands a
+model only its ``model_config`` and ``parallel_config``): ``seq_length`` (a mindformers model key) and our
+``rank_order``, ``noop_layers`` and ``pipeline_layers``. mindformers has no no-op layers: the ``offset`` counts ours
+(Pro MoE's 48 + 2 over 25 chunks: 2 each, offset 0), and it is what our stage plan gives, which the network
+checks. Everything else mindformers has no key for (our data pipeline, logging, mesh...) goes under a
 ``mindpangu:`` section, so ``from_mindformers(to_mindformers(cfg))`` gives the recipe back exactly.
 """
 from __future__ import annotations
@@ -21,7 +25,10 @@ MF_RUNNER = ("epochs", "batch_size", "sink_mode", "sink_size", "gradient_accumul
 MF_OPTIMIZER = ("betas", "eps", "weight_decay")
 MF_LR = ("learning_rate", "lr_end", "warmup_steps")
 GENERAL = ("seed", "output_dir", "run_mode", "resume_training", "load_checkpoint")  # same keys in both dialects
-LR_TYPES = {"cosine": "CosineWithWarmUpLR", "constant": "ConstantWarmUpLR"}
+MODEL_PARALLEL = ("rank_order", "noop_layers", "pipeline_layers")  # our parallel_config keys the network reads
+# our schedule types -> mindformers LR classes (PanguMultiCosineLR is registered by integrations.mindformers)
+LR_TYPES = {"cosine": "CosineWithWarmUpLR", "constant": "ConstantWarmUpLR", "multi_cosine": "PanguMultiCosineLR"}
+MULTI_COSINE_KEYS = ("warmup_ratio", "legs")  # what PanguMultiCosineLR takes beyond MF_LR
 
 
 def to_mindformers(cfg: TrainConfig) -> Dict[str, Any]:
@@ -39,7 +46,8 @@ def to_mindformers(cfg: TrainConfig) -> Dict[str, Any]:
     opt = ours.pop("optimizer")
     lr = ours.pop("lr_schedule")
     recompute = ours.pop("recompute_config")
-    model_config = {"type": config_type, **model, "pp_interleave_num": par.pop("pp_interleave_num")}
+    model_config = {"type": config_type, **model, "seq_length": ours["train_dataset"].pop("seq_length"),
+                    "pp_interleave_num": par.pop("pp_interleave_num"), **{k: par.pop(k) for k in MODEL_PARALLEL}}
     if layout.pp > 1:
         model_config["offset"] = plan.mindformers_offset()
     parallel = {"parallel_mode": 1 if layout.world > 1 else 0, "gradients_mean": False, "full_batch": True,
@@ -48,10 +56,12 @@ def to_mindformers(cfg: TrainConfig) -> Dict[str, Any]:
     if layout.vpp > 1:
         parallel["pipeline_config"] = {"pipeline_interleave": True, "pipeline_scheduler": "1f1b"}
     extra: Dict[str, Any] = {k: ours.pop(k) for k in list(ours) if k not in GENERAL}  # data, logging, mesh, ...
-    extra["parallel_config"] = {k: v for k, v in par.items() if k not in MF_PARALLEL}
+    if any(k not in MF_PARALLEL for k in par):
+        extra["parallel_config"] = {k: v for k, v in par.items() if k not in MF_PARALLEL}
     extra["runner_config"] = {k: v for k, v in runner.items() if k not in MF_RUNNER}
     extra["optimizer"] = {k: v for k, v in opt.items() if k not in MF_OPTIMIZER}
-    extra["lr_schedule"] = {k: v for k, v in lr.items() if k not in MF_LR}
+    mf_lr = MF_LR + (MULTI_COSINE_KEYS if lr["type"] == "multi_cosine" else ())
+    extra["lr_schedule"] = {k: v for k, v in lr.items() if k not in mf_lr}
     ckpt = extra["checkpoint"]
     out = {k: ours[k] for k in GENERAL}
     out["use_parallel"] = layout.world > 1
@@ -63,7 +73,7 @@ def to_mindformers(cfg: TrainConfig) -> Dict[str, Any]:
         "runner_config": {k: runner[k] for k in MF_RUNNER},
         "recompute_config": recompute,
         "optimizer": {"type": "AdamW", **{k: opt[k] for k in MF_OPTIMIZER}},
-        "lr_schedule": {"type": LR_TYPES.get(lr["type"], lr["type"]), **{k: lr[k] for k in MF_LR},
+        "lr_schedule": {"type": LR_TYPES[lr["type"]], **{k: lr[k] for k in mf_lr},
                         "total_steps": runner["train_steps"]},
         "context": {"mode": 0, "device_target": "Ascend", "max_device_memory": "58GB",
                     "jit_config": {"jit_level": "O1"}},
@@ -88,12 +98,16 @@ def from_mindformers(mf: Dict[str, Any]) -> Dict[str, Any]:
     model_config.pop("type", None)
     model_config.pop("offset", None)  # recomputed from the stage plan
     vpp = model_config.pop("pp_interleave_num", 1)
+    ours_parallel = {k: model_config.pop(k) for k in MODEL_PARALLEL if k in model_config}
+    seq_length = model_config.pop("seq_length", None)
     out: Dict[str, Any] = {k: mf[k] for k in GENERAL + ("use_parallel",) if k in mf}
     out["model"] = {"type": types[arch], **model_config}
     if "recompute_config" in mf:
         out["recompute_config"] = mf["recompute_config"]
-    out["parallel_config"] = {**mf.get("parallel_config", {}), "pp_interleave_num": vpp,
+    out["parallel_config"] = {**mf.get("parallel_config", {}), "pp_interleave_num": vpp, **ours_parallel,
                               **extra.pop("parallel_config", {})}
+    if seq_length is not None:
+        extra["train_dataset"] = {**extra.get("train_dataset", {}), "seq_length": seq_length}
     lr = mf.get("lr_schedule", {})
     back = {v: k for k, v in LR_TYPES.items()}
     runner = {**mf.get("runner_config", {}), **extra.pop("runner_config", {})}
@@ -103,7 +117,7 @@ def from_mindformers(mf: Dict[str, Any]) -> Dict[str, Any]:
     opt = mf.get("optimizer", {})
     out["optimizer"] = {**{k: opt[k] for k in MF_OPTIMIZER if k in opt},
                         **extra.pop("optimizer", {"type": "AdamW"})}
-    out["lr_schedule"] = {**{k: lr[k] for k in MF_LR if k in lr},
+    out["lr_schedule"] = {**{k: lr[k] for k in MF_LR + MULTI_COSINE_KEYS if k in lr},
                           **extra.pop("lr_schedule", {"type": back.get(lr.get("type"), "cosine")})}
     out.update(extra)
     return out

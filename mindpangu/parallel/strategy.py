@@ -234,16 +234,26 @@ def _shard_dispatcher(name: str, cell: MoELayer, layout: Layout, d: Degrees):
     _shard_experts(cell.experts, d)
     dispatcher.sort.shard(((1,),))
     dispatcher.dispatch_rows.shard(((1, 1), (d.ep, 1)))  # [T+1, H] by [E, T] -> [E, T, H], experts over EP
+    dispatcher.dispatch_rows.add_prim_attr(*_COPIES_SLOWEST)
     dispatcher.combine_rows.shard(((1, 1), (d.dp,)))  # back to routed rows in token order, split by DP
+
+
+# MindSpore puts the copies of an operator that uses fewer devices than the stage on the fastest-varying end of its
+# device matrix unless told otherwise: the expert strategies (EP x expert-TP of a stage of DP x TP) would then keep
+# their copies on neighbouring ranks and their EP / expert-TP groups strided across nodes, against the plan
+# (``plan.groups``). With DP 48 x TP 8 x EP 4 the 12 copies also made a group of 12 ranks on two nodes, which the
+# simulated Ascend compile refuses ("Create communication group failed": a group takes 1, 2, 4 or 8 devices of a
+# node). Putting the copies on the slow end keeps expert TP on the TP ranks and EP just beyond them.
+_COPIES_SLOWEST = ("repeated_num_in_dev_matrix_right_", False)
 
 
 def _shard_experts(cell: GroupedExperts, d: Degrees):
     e, t = d.ep, d.etp
-    cell.bmm_gate.shard(((e, 1, 1), (e, t, 1)))
-    cell.bmm_up.shard(((e, 1, 1), (e, t, 1)))
-    cell.silu.shard(((e, 1, t),))
-    cell.mul.shard(((e, 1, t), (e, 1, t)))
-    cell.bmm_down.shard(((e, 1, t), (e, 1, t)))
+    for prim, strategy in ((cell.bmm_gate, ((e, 1, 1), (e, t, 1))), (cell.bmm_up, ((e, 1, 1), (e, t, 1))),
+                           (cell.silu, ((e, 1, t),)), (cell.mul, ((e, 1, t), (e, 1, t))),
+                           (cell.bmm_down, ((e, 1, t), (e, 1, t)))):
+        prim.shard(strategy)
+        prim.add_prim_attr(*_COPIES_SLOWEST)
 
 
 def sharded_primitives(model: nn.Cell) -> Iterator[Tuple[str, object]]:

@@ -18,9 +18,12 @@ import os
 import subprocess
 import sys
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional
+from typing import TYPE_CHECKING, Dict, List, Optional, Tuple
 
 from ..fsutil import cache_root, replace_dir, staging_dir
+
+if TYPE_CHECKING:
+    from ..config.schema import TrainConfig
 
 SCRIPT = os.path.join(os.path.dirname(os.path.dirname(__file__)), "parallel", "make_fake_cann.sh")
 
@@ -69,24 +72,63 @@ def compare(slices: Dict[str, List[int]], predicted: Dict[str, List[int]]) -> Li
     return out
 
 
+def mindformers_recipe(path: str, overrides: Optional[List[str]] = None) -> Tuple[dict, "TrainConfig"]:
+    """A mindformers YAML (``tools/to_mindformers.py``'s dialect) with ``key.path=value`` overrides applied to its
+    own keys (``model.model_config.hidden_size=64``), and our TrainConfig for it (``from_mindformers``)."""
+    import yaml
+
+    from ..config import ConfigError
+    from ..config.core import build_section
+    from ..config.loader import parse_override
+    from ..config.schema import TrainConfig
+    from ..integrations.mindformers_recipe import from_mindformers
+
+    with open(path) as f:
+        recipe = yaml.safe_load(f)
+    for item in overrides or []:
+        key, value = parse_override(item)
+        *sections, leaf = key.split(".")
+        node = recipe
+        for part in sections:
+            if not isinstance(node.get(part), dict):
+                raise ConfigError(key, f"{path} has no section {part!r} there", where=f"override '{item}'")
+            node = node[part]
+        node[leaf] = value
+    return recipe, build_section(TrainConfig, from_mindformers(recipe), "", {})
+
+
 def compile_rank(config: str, rank: int, out_dir: str, overrides: Optional[List[str]] = None,
-                 timeout: int = 900, log=print) -> CompileReport:
-    """Compile ``config``'s training step as simulated ``rank`` in a child process; the report compares slices."""
+                 timeout: int = 900, log=print, mindformers: bool = False) -> CompileReport:
+    """Compile ``config``'s training step as simulated ``rank`` in a child process; the report compares slices.
+
+    ``mindformers``: ``config`` is a mindformers recipe (``yaml_configs/mindformers/``) and the step is the one
+    mindformers' own ``Trainer`` builds after its ``build_context`` (its train-step wrapper and pipeline cell, our
+    registered network laid out by ``parallelize``); run it with the interpreter of the mindformers environment
+    (mindformers 1.9 pins mindspore 2.9: the stubs are built for whichever MindSpore runs this)."""
     from ..config import load_config
     from ..parallel.plan import Layout
 
-    cfg = load_config(config, overrides=overrides or [])
+    os.makedirs(out_dir, exist_ok=True)
+    if mindformers:
+        import yaml
+
+        recipe, cfg = mindformers_recipe(config, overrides)
+        child_config = os.path.join(os.path.abspath(out_dir), "recipe.yaml")
+        with open(child_config, "w") as f:
+            yaml.safe_dump(recipe, f, sort_keys=False)
+        child = ["--mindformers", child_config, str(rank), os.path.abspath(out_dir)]
+    else:
+        cfg = load_config(config, overrides=overrides or [])
+        child = [os.path.abspath(config), str(rank), os.path.abspath(out_dir)] + list(overrides or [])
     layout = Layout.from_config(cfg)
     if not 0 <= rank < layout.world:
         raise ValueError(f"--rank {rank}: the layout {layout.short()} has ranks 0..{layout.world - 1}")
     stubs = stub_cann(log=log)
-    os.makedirs(out_dir, exist_ok=True)
     env = dict(os.environ, LD_LIBRARY_PATH=os.path.join(stubs, "latest", "lib64"),
                ASCEND_OPP_PATH=os.path.join(stubs, "latest", "opp"),
                PYTHONPATH=os.pathsep.join([os.path.join(stubs, "py")] + [p for p in sys.path if p]),
                MS_SIMULATION_LEVEL="0", RANK_SIZE=str(layout.world), RANK_ID=str(rank), GLOG_v="3")
-    args = [sys.executable, "-m", "mindpangu.train.sim_compile", os.path.abspath(config), str(rank),
-            os.path.abspath(out_dir)] + list(overrides or [])
+    args = [sys.executable, "-m", "mindpangu.train.sim_compile"] + child
     run = subprocess.run(args, env=env, cwd=out_dir, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                          text=True, timeout=timeout)
     result = os.path.join(out_dir, f"rank{rank}.json")
@@ -154,24 +196,77 @@ def _worker(config: str, rank: int, out_dir: str, overrides: List[str]) -> None:
     optimizer = nn.AdamWeightDecay(net.trainable_params(), 1e-3)
     train = ms.train.Model(net, optimizer=optimizer)
     train.train(1, data, dataset_sink_mode=False)
-    names = {name for name, _ in model.parameters_and_names()}
-    slices = {name: [int(n) for n in layout[2]] for name, layout in train.train_network.parameter_layout_dict.items()
-              if name in names}
+    _compiled(rank, out_dir, train.train_network, {"all": {n for n, _ in model.parameters_and_names()},
+                                                   "mine": predicted},
+              time.time() - start, rank // Layout.from_config(cfg).stage_size, strategy_file)
+
+
+def _compiled(rank: int, out_dir: str, train_network, predicted, seconds: float, stage: int,
+              strategy_file: str) -> None:
+    """Write the child's report: the compiled slices of the model's parameters and the strategy file's contents."""
     from mindspore.train.node_strategy_pb2 import ParallelStrategyMap
 
+    slices = {name: [int(n) for n in layout[2]] for name, layout in train_network.parameter_layout_dict.items()
+              if name in predicted["all"]}
     strategy_map = ParallelStrategyMap()
     with open(strategy_file, "rb") as f:
         strategy_map.ParseFromString(f.read())
-    stage = rank // Layout.from_config(cfg).stage_size
     meta = os.path.join(out_dir, "custom_kernel_meta", f"rank_{rank}")
     launchers = sorted(d for d in os.listdir(meta) if os.path.isdir(os.path.join(meta, d))) if os.path.isdir(meta) else []
-    out = {"stage": stage, "slices": slices, "predicted": predicted, "strategy_file": strategy_file,
-           "strategies": len(strategy_map.parallel_strategy_item), "seconds": round(time.time() - start, 1),
+    out = {"stage": stage, "slices": slices, "predicted": predicted["mine"], "strategy_file": strategy_file,
+           "strategies": len(strategy_map.parallel_strategy_item), "seconds": round(seconds, 1),
            "operators": sorted(item.node_name for item in strategy_map.parallel_strategy_item),
            "ascend_c_ops": launchers}
     with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
         json.dump(out, f, indent=1)
 
 
+def _mindformers_worker(recipe: str, rank: int, out_dir: str) -> None:
+    """Child process (mindformers environment): mindformers' build_context and Trainer on the recipe, one step, as
+    simulated ``rank``; the probe reads our network's predicted slices before the compile and the compiled ones
+    after."""
+    import time
+
+    import numpy as np
+    import mindspore.dataset as ds
+    from mindspore.train import Callback
+
+    from mindformers import MindFormerConfig, Trainer, build_context
+
+    from ..integrations import mindformers as mfi
+    from ..parallel.plan import Layout
+    from ..parallel.strategy import predicted_slices
+
+    start = time.time()
+    cfg = MindFormerConfig(recipe)
+    cfg.output_dir = out_dir
+    cfg.callbacks = []  # MFLossMonitor all-reduces its FLOPs count, which a simulated rank returns as a plain 0
+    build_context(cfg)
+    strategy_file = os.path.join(out_dir, "strategy", f"ckpt_strategy_rank_{rank}.ckpt")  # where mindformers saves it
+
+    class Probe(Callback):
+        def on_train_begin(self, run_context):
+            net = next(c for _, c in run_context.original_args().train_network.cells_and_names()
+                       if isinstance(c, mfi._PanguForCausalLM))
+            self.cfg = mfi.train_config(net.config)
+            self.predicted = {"all": {n for n, _ in net.network.parameters_and_names()},
+                              "mine": {k: list(v) for k, v in predicted_slices(net.network, self.cfg, rank).items()}}
+
+        def on_train_step_end(self, run_context):
+            args = run_context.original_args()
+            _compiled(rank, out_dir, args.train_network, self.predicted, time.time() - start,
+                      rank // Layout.from_config(self.cfg).stage_size, strategy_file)
+            run_context.request_stop()
+
+    p = cfg.parallel_config
+    batch = cfg.runner_config.batch_size * p.data_parallel * (p.micro_batch_num if p.pipeline_stage > 1 else 1)
+    tokens = np.zeros((2 * batch, cfg.model.model_config.seq_length + 1), np.int32)
+    data = ds.NumpySlicesDataset({"input_ids": tokens}, shuffle=False).batch(batch)
+    Trainer(args=cfg, train_dataset=data, callbacks=[Probe()]).train()
+
+
 if __name__ == "__main__":
-    _worker(sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4:])
+    if sys.argv[1] == "--mindformers":
+        _mindformers_worker(sys.argv[2], int(sys.argv[3]), sys.argv[4])
+    else:
+        _worker(sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4:])
