@@ -62,13 +62,22 @@ class VirtualGroup:
 
 
 class CpuStandIns(AlltoAllDispatcher):
-    """The all-to-all dispatcher with its Ascend-only ops replaced by CPU stand-ins of their documented semantics;
+    """The all-to-all dispatcher with its Ascend-only pieces replaced by CPU stand-ins written from their documented
+    semantics: the fused permute / unpermute, and the collective primitives (flat inputs, split sizes counted in
+    ``block_size`` units for AlltoAllV and in elements for AllGatherV / ReduceScatterV, a shape-() result when empty);
     ``ep_ranks`` / ``etp_ranks``: this rank's groups (global ranks, in group order)."""
 
-    def __init__(self, num_experts, hidden, world, rank, ep_ranks, etp_ranks):
-        super().__init__(num_experts, hidden)
+    def __init__(self, num_experts, hidden, top_k, world, rank, ep_ranks, etp_ranks):
+        super().__init__(num_experts, hidden, top_k)
         self.world, self.rank, self.ep_ranks, self.etp_ranks = world, rank, ep_ranks, etp_ranks
-        self.ep, self.etp = len(ep_ranks), len(etp_ranks)
+        self.ep, self.etp = len(ep_ranks), len(etp_ranks)  # what set_expert_parallel sets, without real groups
+        self.to_host = lambda x, where, blocking: x
+        self.all_to_all_op = self._all_to_all
+        self.all_to_all_rows_op = lambda x, send, recv: self._all_to_all_v(x, send, recv, hidden)
+        self.all_to_all_ids_op = lambda x, send, recv: self._all_to_all_v(x, send, recv, 1)
+        self.all_gather_op = lambda x: ms.Tensor(np.concatenate(self._gather(x, self.etp_ranks)))
+        self.all_gather_v_op = self._all_gather_v
+        self.reduce_scatter_v_op = self._reduce_scatter_v
 
     # ops.moe_token_permute / moe_token_unpermute (MindSpore docstrings: stable grouping by index; sorted_indices
     # is where each (token, k) row went; unpermute with probs sums each token's K rows weighted)
@@ -87,42 +96,43 @@ class CpuStandIns(AlltoAllDispatcher):
         t, k = probs.shape
         return (rows.reshape(t, k, -1) * probs.reshape(t, k, 1)).sum(1)
 
-    def host(self, counts):
-        return counts.astype(ms.int64)
-
     # the collectives, over the virtual group
     def _gather(self, x, members):
         got = self.world.exchange(self.rank, x.asnumpy())
         return [got[r] for r in members]
 
-    def all_to_all(self, x):
-        mine = self.ep_ranks.index(self.rank)
-        return ms.Tensor(np.stack([chunks[mine] for chunks in self._gather(x, self.ep_ranks)]))
+    @staticmethod
+    def _result(parts):
+        out = np.concatenate(parts)
+        return ms.Tensor(out if out.size else np.zeros((), out.dtype))
 
-    def all_to_all_v(self, rows, send, recv, width):
+    def _all_to_all(self, x):  # AlltoAll(split_count=ep, split_dim=0, concat_dim=0)
         mine = self.ep_ranks.index(self.rank)
-        packed = np.concatenate([send.asnumpy().reshape(-1), rows.asnumpy().reshape(-1)])
+        return ms.Tensor(np.concatenate([np.split(chunks, self.ep)[mine] for chunks in self._gather(x, self.ep_ranks)]))
+
+    def _all_to_all_v(self, x, send, recv, block):
+        assert x.ndim == 1 and send.dtype == ms.int64 and recv.dtype == ms.int64
+        mine = self.ep_ranks.index(self.rank)
+        packed = np.concatenate([send.asnumpy().astype(x.asnumpy().dtype), x.asnumpy()])
         parts = []
         for src in self._gather(ms.Tensor(packed), self.ep_ranks):
-            counts, data = src[:self.ep].astype(np.int64), src[self.ep:].reshape(-1, width)
+            counts, data = src[:self.ep].astype(np.int64) * block, src[self.ep:]
             start = counts[:mine].sum()
             parts.append(data[start:start + counts[mine]])
-        np.testing.assert_array_equal([len(p) for p in parts], recv.asnumpy())  # the receiver's own counts agree
-        return ms.Tensor(np.concatenate(parts))
+        np.testing.assert_array_equal([len(p) for p in parts], recv.asnumpy() * block)  # the receiver agrees
+        return self._result(parts)
 
-    def all_gather(self, x):
-        return ms.Tensor(np.concatenate(self._gather(x, self.etp_ranks)))
-
-    def all_gather_v(self, rows, sizes, width):
-        parts = self._gather(rows, self.etp_ranks)
+    def _all_gather_v(self, x, sizes):
+        assert x.ndim == 1 and sizes.dtype == ms.int64
+        parts = self._gather(x, self.etp_ranks)
         np.testing.assert_array_equal([len(p) for p in parts], sizes.asnumpy())
-        return ms.Tensor(np.concatenate(parts).reshape(-1, width))
+        return self._result(parts)
 
-    def reduce_scatter_v(self, rows, sizes, width):
+    def _reduce_scatter_v(self, x, sizes):
+        assert x.ndim == 1 and sizes.dtype == ms.int64
         mine = self.etp_ranks.index(self.rank)
         bounds = np.concatenate([[0], np.cumsum(sizes.asnumpy())])
-        total = sum(p[bounds[mine]:bounds[mine + 1]] for p in self._gather(rows, self.etp_ranks))
-        return ms.Tensor(total.reshape(-1, width).astype(np.float32))
+        return self._result([sum(p[bounds[mine]:bounds[mine + 1]] for p in self._gather(x, self.etp_ranks))])
 
 
 def cpu_grouped_matmul(x, weight, group_list):
@@ -147,13 +157,18 @@ def _routing(rng, tokens, e, k, skip=None):
     return idx, rng.uniform(0.1, 1.0, (tokens, k)).astype(np.float32)
 
 
-@pytest.mark.parametrize("ep,etp", [(1, 1), (2, 1), (4, 1), (1, 2), (2, 2)])
-def test_all_to_all_dispatch_over_virtual_ranks_matches_per_token_loop(rng, ep, etp):
+@pytest.mark.parametrize("ep,etp,skewed", [(1, 1, False), (2, 1, False), (4, 1, False), (1, 2, False),
+                                           (2, 2, False), (2, 2, True)])
+def test_all_to_all_dispatch_over_virtual_ranks_matches_per_token_loop(rng, ep, etp, skewed):
+    """skewed: every token picks experts of the first EP rank, so without the dispatcher's zero tokens the other
+    ranks would receive nothing (a shape-() result from the collectives)."""
     e, k, hidden, inter, per_rank = 8, 3, 12, 10, 11
     n = ep * etp
     tokens = n * per_rank
     x = rng.normal(size=(tokens, hidden)).astype(np.float32)
     idx, wts = _routing(rng, tokens, e, k, skip=5)  # expert 5 gets no row anywhere
+    if skewed:
+        idx = np.stack([rng.choice(e // ep, k, replace=False) for _ in range(tokens)]).astype(np.int32)
     gate, up = (rng.normal(0, 0.3, (e, inter, hidden)).astype(np.float32) for _ in range(2))
     down = rng.normal(0, 0.3, (e, hidden, inter)).astype(np.float32)
     layout = Layout(dp=n, ep=ep, tp=etp)  # expert TP = TP (EP carved from the DP ranks)
@@ -162,7 +177,7 @@ def test_all_to_all_dispatch_over_virtual_ranks_matches_per_token_loop(rng, ep, 
     layers = [_layer(e, k, hidden, inter) for _ in range(n)]
     for rank, layer in enumerate(layers):
         ep_ranks, etp_ranks = expert_parallel_ranks(layout, rank)
-        layer.token_dispatcher = CpuStandIns(e, hidden, world, rank, ep_ranks, etp_ranks)
+        layer.token_dispatcher = CpuStandIns(e, hidden, k, world, rank, ep_ranks, etp_ranks)
 
     def rank_output(rank):
         ep_rank, etp_rank = (rank // etp) % ep, rank % etp
@@ -191,7 +206,7 @@ def test_single_rank_gradients_match_the_reference_dispatcher(rng):
     cotangent = ms.Tensor(rng.normal(size=(tokens, hidden)).astype(np.float32))
     reference_grads = ms.grad(lambda xx, ww: (layer.routed_experts(xx, ww, idx) * cotangent).sum(),
                               grad_position=(0, 1), weights=[ge.gate_proj, ge.up_proj, ge.down_proj])(x, wts)
-    layer.token_dispatcher = CpuStandIns(e, hidden, None, 0, [0], [0])
+    layer.token_dispatcher = CpuStandIns(e, hidden, k, None, 0, [0], [0])
     grads = ms.grad(lambda xx, ww, g, u, d: (layer.local_routed_experts(xx, ww, idx, g, u, d) * cotangent).sum(),
                     grad_position=(0, 1, 2, 3, 4))(x, wts, ge.gate_proj.value(), ge.up_proj.value(),
                                                    ge.down_proj.value())

@@ -177,9 +177,9 @@ def test_tiny_recipes_compile_through_mindformers_trainer(model, rank, tmp_path)
     assert ("lm_head.weight" in report.slices) == (rank == 7)
 
 
-# The published recipes, as written but for two things: the widths (hidden 64, head dims 8, expert FFNs 16,
-# vocabulary 1,024: the 718B / 72B parameters cannot be held by one CPU process) and data_parallel 8 instead of 48 /
-# 100 (README "Using mindpangu from mindformers": with a stage of 384 or 800 devices MindSpore's default strategy for
+# The published recipes, as written but for three things: the widths (hidden 64, head dims 8, expert FFNs 16,
+# vocabulary 1,024: the 718B / 72B parameters cannot be held by one CPU process), float32 instead of bf16, and
+# data_parallel 8 instead of 48 / 100 (README "Using mindpangu from mindformers": with a stage of 384 or 800 devices MindSpore's default strategy for
 # ops it is given none keeps 3 copies of a 128-long axis on neighbouring ranks, and a group of 3 ranks of one node is
 # refused). Layers, heads, experts, TP / EP / PP / VPP, offsets, no-op layers and the dispatch are the recipes'.
 PUBLISHED = {
@@ -190,7 +190,8 @@ PUBLISHED = {
                "model.model_config.v_head_dim=8", "model.model_config.moe.intermediate_size=16"]),
     "pro": ("yaml_configs/mindformers/pangu_pro_moe_72b.yaml",
             ["model.model_config.hidden_size=64", "model.model_config.head_dim=8",
-             "model.model_config.moe.intermediate_size=16", "model.model_config.moe.shared_expert_intermediate_size=64"]),
+             "model.model_config.moe.intermediate_size=16",
+             "model.model_config.moe.shared_expert_intermediate_size=64"]),
 }
 SMALL_WORLD = ["model.model_config.vocab_size=1024", "model.model_config.compute_dtype=float32",
                "parallel_config.data_parallel=8"]

@@ -109,6 +109,12 @@ class MoEConfig(Section):
               "moe_token_drop_policy=probs) and a dropped token's weight for that expert becomes 0.",
         gt=0.0, aliases=("moe_expert_capacity_factor",))
 
+    @property
+    def uses_moge_gating_op(self) -> bool:
+        """Whether routing picks the experts with the Ascend C MogeGating op: the 'ascend' dispatch of a MoGE router
+        without an expert bias (the op has no bias input)."""
+        return self.dispatch_backend == "ascend" and self.router == "moge" and not self.balance_loss.expert_bias.enabled
+
     def validate(self, path, origins):
         if self.balance_loss.moge_probs == "group" and self.router != "moge":
             _fail(path, "balance_loss.moge_probs", "'group' applies to router 'moge' only", origins,

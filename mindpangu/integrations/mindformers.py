@@ -138,7 +138,10 @@ class _PanguForCausalLM(nn.Cell):
         super().__init__(auto_prefix=False)
         self.config = config
         self.network = build_model(config.model, seed=seed)
-        cfg = train_config(config)
+        try:  # mindformers re-raises as type(e)(message), which ConfigError's signature refuses
+            cfg = train_config(config)
+        except ConfigError as e:
+            raise ValueError(str(e)) from None
         if semi_auto_parallel():
             parallelize(self.network, cfg)
         self.loss = TotalLoss(self.network, cfg)

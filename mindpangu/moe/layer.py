@@ -14,9 +14,14 @@ from .router import Router
 from .token_dispatcher import build_dispatcher, resolve_backend
 
 
-def _first(*args):
-    """``Morph``'s shape and dtype inference for the routed experts: the output is like the tokens [T, H]."""
-    return args[0]
+def _tokens_shape(*shapes):
+    """``Morph``'s shape inference for the routed experts: the output is shaped like the tokens [T, H]."""
+    return shapes[0]
+
+
+def _float32(*dtypes):
+    """``Morph``'s dtype inference for the routed experts: the combine is float32."""
+    return ms.float32
 
 
 class MoELayer(nn.Cell):
@@ -45,12 +50,12 @@ class MoELayer(nn.Cell):
         if self.use_router_scale:
             self.router_scale = Parameter(Tensor(np.ones((1, cfg.num_experts), np.float32)), name="router_scale")
         self.token_dispatcher = build_dispatcher(self.backend, cfg.num_experts, cfg.dispatch_block_size, dynamic,
-                                                 hidden, compute_dtype)
+                                                 hidden, cfg.num_experts_per_tok, compute_dtype)
         self.experts = GroupedExperts(cfg.num_experts, hidden, cfg.intermediate_size, compute_dtype,
                                       grouped_kernel=self.backend == "cpu_kernel")
         self.routed_experts_op = None
         if self.backend == "ascend" and ms.get_context("mode") == ms.GRAPH_MODE:  # Morph runs in GRAPH mode only
-            self.routed_experts_op = Morph(self.local_routed_experts, _first, _first).add_prim_attr(
+            self.routed_experts_op = Morph(self.local_routed_experts, _tokens_shape, _float32).add_prim_attr(
                 "self_define_shard", True)
         self.row_experts = None
         if resolve_kernels(decode_backend, "model.decode_backend") == "cpu_kernel" and compute_dtype == "float32":

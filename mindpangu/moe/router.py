@@ -83,7 +83,7 @@ class Router(nn.Cell):
         self.on, self.off = Tensor(1, ms.int32), Tensor(0, ms.int32)
         self.topk = ops.TopK(sorted=True) if backend == "ascend" else None
         self.moge_gating = None
-        if backend == "ascend" and self.moge and not self.use_bias:
+        if backend == "ascend" and cfg.uses_moge_gating_op:
             from .kernels import make_moge_gating
 
             self.moge_gating = make_moge_gating(self.top_k)

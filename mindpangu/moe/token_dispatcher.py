@@ -22,14 +22,16 @@ Four implementations, chosen by ``moe.dispatch_backend`` when the model is built
   from MindSpore's fused Ascend ops: ``moe_token_permute`` sorts the routed rows by expert, an all-to-all sends
   each EP rank the rows of its experts (``AlltoAllV``), an all-gather shares them inside the expert tensor parallel
   group (``AllGatherV``), a second permute groups them by local expert for ``GroupedMatmul`` (``experts.py``), and
-  the way back is the reverse (``ReduceScatterV`` sums the expert-TP partial outputs). The rows are the routed
-  rows only (no padding, no E / K buffer), with data-dependent shapes once EP or expert TP is on; the MoE layer
-  runs it inside a ``Morph`` whose layout ``parallelize`` sets (mindformers' ``FFNGroupedGEMM``). Ascend only.
+  the way back is the reverse (``ReduceScatterV`` sums the expert-TP partial outputs). It moves the routed
+  rows (plus one zero row per expert from each rank; no E / K buffer), with data-dependent shapes once EP or expert
+  TP is on, and returns rows [R, H] rather than groups (``GroupedExperts.grouped_gemm``); the MoE layer runs it
+  inside a ``Morph`` whose layout ``parallelize`` sets (mindformers' ``FFNGroupedGEMM``). Ascend only.
 """
 from __future__ import annotations
 
 import math
 
+import numpy as np
 import mindspore as ms
 from mindspore import Tensor, nn, ops
 
@@ -193,35 +195,43 @@ class AlltoAllDispatcher(nn.Cell):
     groups: the EP group holds the ``ep`` ranks whose ``E / ep`` local experts together make all experts, the ETP
     group the ``etp`` ranks that split each local expert's intermediate dimension.
 
-    The fused ops and the collectives are one method each (:meth:`permute` ... :meth:`reduce_scatter_v`), so that a
-    CPU test stands in for them over virtual ranks (``tests/test_ascend_dispatch.py``). Rows travel in
-    ``compute_dtype``. A rank that receives no rows at all would hand ``GroupedMatmul`` an empty input; with
-    dropless routing over real batch sizes that does not happen (mindformers pads one row per expert for it).
+    Unlike the other dispatchers it returns rows [R, H] (R data-dependent once EP or ETP is on), not groups, for
+    ``GroupedExperts.grouped_gemm``. Rows travel in ``compute_dtype``; the weighted combine is in float32. Across
+    ranks, every rank adds ceil(E / K) zero tokens of weight 0 that route one row to every expert (mindformers'
+    ``use_pad_tokens``), so that no rank ever receives nothing: the ``*V`` collectives return a shape-() tensor for
+    an empty result and ``GroupedMatmul`` takes no empty input. The fused ops (:meth:`permute`, :meth:`unpermute`)
+    are methods and the collectives primitive attributes, so a CPU test stands in for exactly those over virtual
+    ranks (``tests/test_ascend_dispatch.py``).
     """
 
-    def __init__(self, num_experts: int, hidden: int, compute_dtype: str = "float32"):
+    def __init__(self, num_experts: int, hidden: int, top_k: int, compute_dtype: str = "float32"):
         super().__init__()
         self.num_experts, self.hidden = num_experts, hidden
         self.dtype = ms_dtype(compute_dtype)
         self.ep, self.etp = 1, 1
-        self.ep_group = self.etp_group = None
         self.to_host = ops.MoveTo()
+        # the zero tokens (Tensor attributes, not in-graph constants: see layers.static_range)
+        pad = -(-num_experts // top_k)
+        self.pad_indices = Tensor((np.arange(pad * top_k) % num_experts).reshape(pad, top_k).astype(np.int32))
+        self.pad_rows = Tensor(np.zeros((pad, hidden), np.float32), self.dtype)
+        self.pad_weights = Tensor(np.zeros((pad, top_k), np.float32))
 
     def set_expert_parallel(self, ep: int, ep_group: str, etp: int = 1, etp_group: str = None):
         """Dispatch over ``ep`` ranks (communication group ``ep_group``), each local expert split over ``etp``
         ranks (``etp_group``); the groups must exist (``mindspore.communication.create_group``)."""
         if self.num_experts % ep:
             raise ValueError(f"expert_parallel ({ep}) must divide the {self.num_experts} experts")
-        self.ep, self.ep_group, self.etp, self.etp_group = ep, ep_group, etp, etp_group
+        self.ep, self.etp = ep, etp
         if ep > 1:
             self.all_to_all_op = ops.AlltoAll(split_count=ep, split_dim=0, concat_dim=0, group=ep_group)
-            self.all_to_all_v_op = ops.AlltoAllV(group=ep_group)
+            self.all_to_all_rows_op = ops.AlltoAllV(group=ep_group, block_size=self.hidden)  # counts in rows
+            self.all_to_all_ids_op = ops.AlltoAllV(group=ep_group, block_size=1)
         if etp > 1:
             self.all_gather_op = ops.AllGather(group=etp_group)
-            self.all_gather_v_op = ops.AllGatherV(group=etp_group)
+            self.all_gather_v_op = ops.AllGatherV(group=etp_group)  # counts in elements
             self.reduce_scatter_v_op = ops.ReduceScatterV(group=etp_group)
 
-    # ---- the fused ops and collectives (one method each) ----
+    # ---- the fused ops ----
 
     def permute(self, rows, indices):
         """rows [N, H], indices [N, K] or [N] int32 -> (permuted [N * K, H] grouped by index, stable;
@@ -234,28 +244,8 @@ class AlltoAllDispatcher(nn.Cell):
         return ops.moe_token_unpermute(permuted, sorted_indices, probs)
 
     def host(self, counts):
-        """Split sizes for the ``*V`` collectives, on the host (as mindformers moves them)."""
+        """Split sizes for the ``*V`` collectives, on the host (as mindformers moves them), int64."""
         return self.to_host(counts.astype(ms.int64), "CPU", True)
-
-    def all_to_all(self, x):
-        """x [ep, ...]: row j to EP rank j -> [ep, ...], row j from EP rank j."""
-        return self.all_to_all_op(x)
-
-    def all_to_all_v(self, rows, send, recv, width: int):
-        """rows [R, width], send / recv [ep] rows to / from each EP rank -> [sum(recv), width]."""
-        return self.all_to_all_v_op(rows.reshape(-1), send * width, recv * width).reshape(-1, width)
-
-    def all_gather(self, x):
-        """x [n, ...] -> [etp * n, ...] over the ETP group, rank order."""
-        return self.all_gather_op(x)
-
-    def all_gather_v(self, rows, sizes, width: int):
-        """rows [R, width], sizes [etp] rows of each ETP rank -> [sum(sizes), width], rank order."""
-        return self.all_gather_v_op(rows.reshape(-1), sizes * width).reshape(-1, width)
-
-    def reduce_scatter_v(self, rows, sizes, width: int):
-        """rows [sum(sizes), width] -> this rank's [sizes[rank], width] of the sum over the ETP group."""
-        return self.reduce_scatter_v_op(rows.reshape(-1), sizes * width).reshape(-1, width)
 
     # ---- dispatch and combine ----
 
@@ -263,39 +253,47 @@ class AlltoAllDispatcher(nn.Cell):
         """x [T, H], indices [T, K] int32 (global expert ids) -> (rows [R, H] grouped by local expert, None, state
         for :meth:`combine`, tokens_per_expert [E / ep] int32: the rows of each local expert)."""
         e, ep, etp = self.num_experts, self.ep, self.etp
-        rows, sorted_indices = self.permute(x.astype(self.dtype), indices)
-        counts = expert_counts(indices, e).astype(ms.int32)
+        x = x.astype(self.dtype)
         send = recv = sizes = by_expert = None
         if ep == 1 and etp == 1:
-            return rows, None, (sorted_indices, send, recv, sizes, by_expert), counts
+            rows, sorted_indices = self.permute(x, indices)
+            return rows, None, (sorted_indices, send, recv, sizes, by_expert), expert_counts(indices, e).astype(
+                ms.int32)
+        x = ops.concat((x, self.pad_rows), 0)
+        indices = ops.concat((indices, self.pad_indices), 0)
+        rows, sorted_indices = self.permute(x, indices)
+        counts = expert_counts(indices, e).astype(ms.int32)
         # each row's expert id travels with it (float: exact below 2^24), to regroup by local expert on arrival
-        expert_of_row = ops.sort(indices.reshape(-1).astype(ms.float32))[0].reshape(-1, 1)
+        expert_of_row = ops.sort(indices.reshape(-1).astype(ms.float32))[0]
         counts_in = counts.reshape(ep, e // ep)  # [ep, E/ep]: rows from each EP rank, per local expert
         if ep > 1:
-            counts_in = self.all_to_all(counts_in)
+            counts_in = self.all_to_all_op(counts_in)
             send = self.host(counts.reshape(ep, e // ep).sum(1))
             recv = self.host(counts_in.sum(1))
-            rows = self.all_to_all_v(rows, send, recv, self.hidden)
-            expert_of_row = self.all_to_all_v(expert_of_row, send, recv, 1)
+            rows = self.all_to_all_rows_op(rows.reshape(-1), send, recv).reshape(-1, self.hidden)
+            expert_of_row = self.all_to_all_ids_op(expert_of_row, send, recv)
         if etp > 1:  # every ETP rank computes its slice of the intermediate dimension for all of the rows
-            counts_in = self.all_gather(counts_in)  # [etp * ep, E/ep]
-            sizes = self.host(counts_in.reshape(etp, -1).sum(1))
-            rows = self.all_gather_v(rows, sizes, self.hidden)
-            expert_of_row = self.all_gather_v(expert_of_row, sizes, 1)
-        rows, by_expert = self.permute(rows, expert_of_row.reshape(-1).astype(ms.int32))
+            counts_in = self.all_gather_op(counts_in)  # [etp * ep, E/ep]
+            per_rank = counts_in.reshape(etp, -1).sum(1)
+            sizes = self.host(per_rank * self.hidden)
+            rows = self.all_gather_v_op(rows.reshape(-1), sizes).reshape(-1, self.hidden)
+            expert_of_row = self.all_gather_v_op(expert_of_row, self.host(per_rank))
+        rows, by_expert = self.permute(rows, expert_of_row.astype(ms.int32))
         tokens_per_expert = counts_in.sum(0).astype(ms.int32)
         return rows, None, (sorted_indices, send, recv, sizes, by_expert), tokens_per_expert
 
     def combine(self, ys, weights, state):
         """ys [R, H] (as :meth:`dispatch` grouped them), weights [T, K] float32, state -> y [T, H] float32."""
         sorted_indices, send, recv, sizes, by_expert = state
+        t = weights.shape[0]
         if self.ep > 1 or self.etp > 1:
             ys = self.unpermute(ys, by_expert)  # back to arrival order
-        if self.etp > 1:
-            ys = self.reduce_scatter_v(ys, sizes, self.hidden)  # sum the partial outputs of the expert's intermediate slices
+            weights = ops.concat((weights, self.pad_weights), 0)
+        if self.etp > 1:  # sum the partial outputs of the expert's intermediate slices
+            ys = self.reduce_scatter_v_op(ys.reshape(-1), sizes).reshape(-1, self.hidden)
         if self.ep > 1:
-            ys = self.all_to_all_v(ys, recv, send, self.hidden)
-        return self.unpermute(ys, sorted_indices, weights.astype(ys.dtype)).astype(ms.float32)
+            ys = self.all_to_all_rows_op(ys.reshape(-1), recv, send).reshape(-1, self.hidden)
+        return self.unpermute(ys.astype(ms.float32), sorted_indices, weights.astype(ms.float32))[:t]
 
 
 def resolve_backend(requested: str) -> str:
@@ -322,13 +320,13 @@ def resolve_backend(requested: str) -> str:
 
 
 def build_dispatcher(backend: str, num_experts: int, block: int = 0, dynamic: bool = False, hidden: int = 0,
-                     compute_dtype: str = "float32"):
+                     top_k: int = 1, compute_dtype: str = "float32"):
     """The dispatcher cell of a resolved ``backend`` (see :func:`resolve_backend`); ``block`` > 0 fixes the
     reference layout's block size (the config allows it with 'reference' only); ``dynamic``: token counts known
-    only at run time (``model.dynamic_shapes``; the reference layout only); ``hidden`` (the token width) and
-    ``compute_dtype`` (the dtype rows travel in): the 'ascend' dispatcher's."""
+    only at run time (``model.dynamic_shapes``; the reference layout only); ``hidden`` (the token width),
+    ``top_k`` and ``compute_dtype`` (the dtype rows travel in): the 'ascend' dispatcher's."""
     if backend == "ascend":
-        return AlltoAllDispatcher(num_experts, hidden, compute_dtype)
+        return AlltoAllDispatcher(num_experts, hidden, top_k, compute_dtype)
     if backend == "cpu_kernel":
         return KernelDispatcher(num_experts)
     if backend == "expert_major":

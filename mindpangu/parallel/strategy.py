@@ -20,6 +20,7 @@ role table; the simulated Ascend compile (``sim_compile``) checks MindSpore's co
 """
 from __future__ import annotations
 
+import hashlib
 import math
 from dataclasses import dataclass
 from typing import Dict, Iterator, List, Tuple
@@ -182,7 +183,8 @@ def _communication_group(ranks: List[int]) -> str:
     if tuple(ranks) not in _GROUPS:
         from mindspore.communication import create_group
 
-        name = "mindpangu_" + "_".join(map(str, ranks))
+        # a bounded name, as mindformers hashes its EP groups' ranks
+        name = "mindpangu_" + hashlib.sha256("-".join(map(str, ranks)).encode()).hexdigest()[:32]
         create_group(name, list(ranks))
         _GROUPS[tuple(ranks)] = name
     return _GROUPS[tuple(ranks)]

@@ -190,9 +190,8 @@ def check_device(cfg: TrainConfig) -> None:
     if cfg.context.device_target == "CPU" and cfg.model.compute_dtype == "bfloat16":
         raise ConfigError("model.compute_dtype", "bfloat16 matmul does not run on MindSpore's CPU backend",
                           value="bfloat16", allowed="float32 | float16")
-    moe = cfg.model.moe
-    if (cfg.context.device_target == "Ascend" and moe.dispatch_backend == "ascend" and moe.router == "moge"
-            and not moe.balance_loss.expert_bias.enabled and moge_gating_header() is None):
+    if (cfg.context.device_target == "Ascend" and cfg.model.moe.uses_moge_gating_op
+            and moge_gating_header() is None):
         raise ConfigError("model.moe.dispatch_backend", "'ascend' routes MoGE with the Ascend C MogeGating op, which "
                           "is not installed (no op_api/include/aclnn_moge_gating.h under ASCEND_CUSTOM_OPP_PATH or "
                           "$ASCEND_OPP_PATH/vendors/*)", value="ascend",

@@ -93,6 +93,9 @@ def mindformers_recipe(path: str, overrides: Optional[List[str]] = None) -> Tupl
             if not isinstance(node.get(part), dict):
                 raise ConfigError(key, f"{path} has no section {part!r} there", where=f"override '{item}'")
             node = node[part]
+        if leaf not in node:  # the recipe's network ignores unknown model keys with a warning: refuse typos here
+            raise ConfigError(key, f"{path} has no such key", where=f"override '{item}'",
+                              allowed=", ".join(sorted(node)))
         node[leaf] = value
     return recipe, build_section(TrainConfig, from_mindformers(recipe), "", {})
 
@@ -196,24 +199,24 @@ def _worker(config: str, rank: int, out_dir: str, overrides: List[str]) -> None:
     optimizer = nn.AdamWeightDecay(net.trainable_params(), 1e-3)
     train = ms.train.Model(net, optimizer=optimizer)
     train.train(1, data, dataset_sink_mode=False)
-    _compiled(rank, out_dir, train.train_network, {"all": {n for n, _ in model.parameters_and_names()},
-                                                   "mine": predicted},
+    _compiled(rank, out_dir, train.train_network, {n for n, _ in model.parameters_and_names()}, predicted,
               time.time() - start, rank // Layout.from_config(cfg).stage_size, strategy_file)
 
 
-def _compiled(rank: int, out_dir: str, train_network, predicted, seconds: float, stage: int,
+def _compiled(rank: int, out_dir: str, train_network, names, predicted, seconds: float, stage: int,
               strategy_file: str) -> None:
     """Write the child's report: the compiled slices of the model's parameters and the strategy file's contents."""
     from mindspore.train.node_strategy_pb2 import ParallelStrategyMap
 
     slices = {name: [int(n) for n in layout[2]] for name, layout in train_network.parameter_layout_dict.items()
-              if name in predicted["all"]}
+              if name in names}
     strategy_map = ParallelStrategyMap()
     with open(strategy_file, "rb") as f:
         strategy_map.ParseFromString(f.read())
     meta = os.path.join(out_dir, "custom_kernel_meta", f"rank_{rank}")
-    launchers = sorted(d for d in os.listdir(meta) if os.path.isdir(os.path.join(meta, d))) if os.path.isdir(meta) else []
-    out = {"stage": stage, "slices": slices, "predicted": predicted["mine"], "strategy_file": strategy_file,
+    launchers = sorted(d for d in (os.listdir(meta) if os.path.isdir(meta) else [])
+                       if os.path.isdir(os.path.join(meta, d)))
+    out = {"stage": stage, "slices": slices, "predicted": predicted, "strategy_file": strategy_file,
            "strategies": len(strategy_map.parallel_strategy_item), "seconds": round(seconds, 1),
            "operators": sorted(item.node_name for item in strategy_map.parallel_strategy_item),
            "ascend_c_ops": launchers}
@@ -247,14 +250,14 @@ def _mindformers_worker(recipe: str, rank: int, out_dir: str) -> None:
     class Probe(Callback):
         def on_train_begin(self, run_context):
             net = next(c for _, c in run_context.original_args().train_network.cells_and_names()
-                       if isinstance(c, mfi._PanguForCausalLM))
+                       if isinstance(c, (mfi.PanguUltraMoEForCausalLM, mfi.PanguProMoEForCausalLM)))
             self.cfg = mfi.train_config(net.config)
-            self.predicted = {"all": {n for n, _ in net.network.parameters_and_names()},
-                              "mine": {k: list(v) for k, v in predicted_slices(net.network, self.cfg, rank).items()}}
+            self.names = {n for n, _ in net.network.parameters_and_names()}
+            self.predicted = {k: list(v) for k, v in predicted_slices(net.network, self.cfg, rank).items()}
 
         def on_train_step_end(self, run_context):
             args = run_context.original_args()
-            _compiled(rank, out_dir, args.train_network, self.predicted, time.time() - start,
+            _compiled(rank, out_dir, args.train_network, self.names, self.predicted, time.time() - start,
                       rank // Layout.from_config(self.cfg).stage_size, strategy_file)
             run_context.request_stop()
 
