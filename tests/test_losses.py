@@ -49,6 +49,19 @@ def test_micro_batch_and_ep_group_match_numpy(rng, sigmoid):
     assert abs(want_micro - pooled) > 1e-4  # the pooling level matters on skewed routing
 
 
+@pytest.mark.parametrize("sigmoid", [True, False])
+def test_ep_group_pools_each_group_of_ranks(rng, sigmoid):
+    """A semi-auto parallel graph holds 4 DP ranks' tokens; EP groups of 2 ranks each pool their own statistics
+    and the loss is the mean over the groups (not the pool of all 4 ranks)."""
+    n, k, t = 16, 4, 48
+    scores, indices = routing(rng, t, n, k, sigmoid)
+    halves = [np_balance(scores[i:i + 24], indices[i:i + 24], n, k, sigmoid) for i in (0, 24)]
+    got = float(balance_loss(ms.Tensor(scores), ms.Tensor(indices), n, k, "ep_group", 4, sigmoid,
+                             ranks_per_group=2).asnumpy())
+    assert got == pytest.approx(np.mean(halves), rel=1e-5)
+    assert abs(got - np_balance(scores, indices, n, k, sigmoid)) > 1e-4  # the grouping matters here
+
+
 def test_balance_gradients_match_numpy(rng):
     """d/dS of N/(K T) sum_i c_i mean_t S_it is N c_i / (K T^2) for softmax scores (counts carry no gradient)."""
     n, k, t = 8, 2, 20

@@ -8,7 +8,7 @@ import mindpangu as mp
 from mindpangu.cli import plan_main
 from mindpangu.parallel import Layout, ParallelConfigError, check_layout, coordinates, groups, resolve_mesh, stage_plan
 from mindpangu.parallel.memory import stage_memory
-from mindpangu.parallel.plan import layout_problems, split_layers
+from mindpangu.parallel.plan import balance_groups, layout_problems, split_layers
 from conftest import ROOT, ULTRA_718B, ULTRA_TINY
 
 PRO_TINY = os.path.join(ROOT, "yaml_configs", "pangu_pro_moe", "tiny.yaml")
@@ -40,6 +40,17 @@ def test_ep_first_in_the_order_carves_ep_from_tp():
     cfg = par(ULTRA_TINY, data_parallel=2, model_parallel=2, expert_parallel=4, rank_order="ep-tp-cp-dp-pp")
     layout = check_layout(cfg, 4)
     assert [c.ep for c in coordinates(layout)] == [0, 1, 2, 3]
+
+
+@pytest.mark.parametrize("order,dp,tp,ep,want", [
+    ("tp-cp-ep-dp-pp", 4, 2, 2, (4, 2)),  # EP groups {0,2}, {1,3}, {4,6}, {5,7}: DP ranks {0,1} and {2,3}
+    ("tp-cp-ep-dp-pp", 4, 2, 4, (4, 4)),  # one EP group per TP coordinate, over all four DP ranks
+    ("ep-tp-cp-dp-pp", 4, 2, 2, (4, 1)),  # EP groups {0,1}, ...: the two TP ranks of one DP rank (same tokens)
+    ("ep-tp-cp-dp-pp", 2, 2, 4, (2, 2)),  # EP group {0,1,2,3}: DP ranks 0 and 1
+])
+def test_balance_groups_are_the_dp_ranks_of_an_ep_group(order, dp, tp, ep, want):
+    cfg = par(ULTRA_TINY, data_parallel=dp, model_parallel=tp, expert_parallel=ep, rank_order=order)
+    assert balance_groups(check_layout(cfg, dp * tp)) == want
 
 
 BAD = [  # (overrides, devices, words the message must contain)

@@ -213,3 +213,6 @@ def test_published_recipes_compile_through_mindformers_trainer(model, tmp_path):
     morphs = sorted(int(op.split(".")[2]) for op in report.operators if op.startswith("Morph_model.layers."))
     assert morphs == [i for i in held if i >= dense] and morphs
     assert report.ascend_c_ops == (["MogeGating"] if model == "pro" else [])
+    # Ultra MoE's ep_group balance loss is all-reduced over rank 0's EP group: TP 8 innermost, EP over the first
+    # 4 DP ranks -> ranks 0, 8, 16, 24; Pro MoE's micro_batch loss pools nothing
+    assert report.all_reduces.get("group_sum") == ([[0, 8, 16, 24]] if model == "ultra" else None)

@@ -1,7 +1,8 @@
 """The training step of both tiny models compiled by MindSpore's real Ascend parallel compiler for 8 simulated
 ranks (stub CANN libraries, DryRun level 0), in three layouts, as the first and the last rank; every parameter's
-compiled slice must equal mindpangu.parallel's prediction. Run by its own CI step (`python -m pytest -q
-tests_sim`): the first run builds the stubs (about a minute), each compile takes 10-30 s."""
+compiled slice must equal mindpangu.parallel's prediction, and the ep_group balance loss must be all-reduced over
+the plan's EP group. Run by its own CI step (`python -m pytest -q tests_sim`): the first run builds the stubs
+(about a minute), each compile takes 10-30 s."""
 import os
 
 import pytest
@@ -15,11 +16,28 @@ LAYOUTS = {
     "DP2xTP2xPP2xEP2": ["parallel_config.data_parallel=2", "parallel_config.model_parallel=2",
                         "parallel_config.pipeline_stage=2", "parallel_config.micro_batch_num=2",
                         "parallel_config.expert_parallel=2"],
-    "DP4xTP2xEP4+SP": ["parallel_config.data_parallel=4", "parallel_config.model_parallel=2",
-                       "parallel_config.expert_parallel=4", "parallel_config.use_seq_parallel=true"],
+    "DP4xTP2xEP2+SP": ["parallel_config.data_parallel=4", "parallel_config.model_parallel=2",
+                       "parallel_config.expert_parallel=2", "parallel_config.use_seq_parallel=true"],
     "DP2xTP4xEP2+vocabTP": ["parallel_config.data_parallel=2", "parallel_config.model_parallel=4",
                             "parallel_config.expert_parallel=2", "parallel_config.vocab_emb_dp=false"],
 }
+
+
+def assert_balance_pooled_over_ep_group(model, report, overrides):
+    """Ultra MoE's ep_group balance loss pools each layer's routing statistics by an all-reduce over exactly this
+    rank's EP group of the plan (with DP > EP, not over every DP rank), global_batch over its DP group; Pro MoE's
+    micro_batch loss pools nothing."""
+    from mindpangu.config import load_config
+    from mindpangu.parallel.plan import Layout, groups
+
+    cfg = load_config(os.path.join(ROOT, TINY[model]), overrides=overrides)
+    kind = cfg.model.moe.balance_loss.type
+    if kind in ("ep_group", "global_batch"):
+        group = next(g for g in groups(Layout.from_config(cfg))["ep" if kind == "ep_group" else "dp"]
+                     if report.rank in g)
+        assert report.all_reduces.get("group_sum") == [group]
+    else:
+        assert "group_sum" not in report.all_reduces
 
 
 @pytest.mark.parametrize("rank", [0, 7])
@@ -35,6 +53,15 @@ def test_compiled_slices_equal_prediction(model, layout, rank, tmp_path):
     if pipeline:  # each stage compiles only its own parameters
         assert ("model.embed_tokens.weight" in held) == (rank == 0)
         assert ("model.norm.weight" in held) == (rank == 7)
+    assert_balance_pooled_over_ep_group(model, report, SMALL + LAYOUTS[layout])
+
+
+def test_global_batch_balance_loss_pools_over_the_dp_group(tmp_path):
+    """A semi-auto parallel step pools the global_batch statistics of each micro-batch over every DP rank."""
+    overrides = SMALL + LAYOUTS["DP4xTP2xEP2+SP"] + ["model.moe.balance_loss.type=global_batch"]
+    report = compile_rank(os.path.join(ROOT, TINY["ultra"]), 0, str(tmp_path), overrides)
+    assert report.ok, "\n".join(report.mismatches)
+    assert_balance_pooled_over_ep_group("ultra", report, overrides)
 
 
 # Each model in the shape of its published layout (Ultra MoE TP8 / PP16 / VPP2 / EP4; Pro MoE TP8 / EP2 / PP5 / VPP5
@@ -81,3 +108,4 @@ def test_published_layout_shape_compiles_with_interleaved_pipeline(model, dispat
     morphs = sorted(int(op.split(".")[2]) for op in report.operators if op.startswith("Morph_model.layers."))
     assert morphs == (moe_layers if dispatch == "ascend" else [])
     assert report.ascend_c_ops == (["MogeGating"] if dispatch == "ascend" and model == "pro" else [])
+    assert_balance_pooled_over_ep_group(model, report, overrides)

@@ -236,6 +236,28 @@ def groups(layout: Layout, devices_per_node: int = 8) -> Dict[str, List[List[int
     }
 
 
+def balance_groups(layout: Layout) -> Tuple[int, int]:
+    """(ranks, ranks_per_group) of the ``ep_group`` balance loss in a semi-auto parallel graph, whose token axis
+    holds the global micro-batch as ``layout.dp`` contiguous slices (DP rank d holds the d-th): the ranks of one EP
+    group (``groups(layout)["ep"]``) hold ``ranks_per_group`` distinct consecutive slices, whose routing
+    statistics the loss pools (Pangu Ultra MoE, sec. 3.2; Megatron's tokens_per_expert all-reduced over the EP
+    group). That is ``ep`` for the default rank_order (EP carved from DP replicas), fewer where EP spans TP ranks
+    (those hold the same tokens). Raises ValueError for context_parallel > 1 (a DP rank's tokens are then split
+    over CP ranks; semi-auto parallel refuses it anyway) or an order whose EP groups do not hold whole blocks of
+    consecutive slices."""
+    if layout.cp > 1:
+        raise ValueError(f"balance_groups: context_parallel {layout.cp} splits each DP rank's tokens over CP ranks; "
+                         "the semi-auto parallel graph supports context_parallel 1 only")
+    coords = coordinates(layout)
+    blocks = sorted({tuple(sorted({coords[r].dp for r in group})) for group in groups(layout)["ep"]
+                     if group[0] < layout.stage_size})
+    size = len(blocks[0])
+    if blocks != [tuple(range(i, i + size)) for i in range(0, layout.dp, size)]:
+        raise ValueError(f"balance_groups: rank_order '{layout.order}' gives EP groups over the DP slices {blocks}, "
+                         "not consecutive blocks of one size")
+    return layout.dp, size
+
+
 # ---- pipeline stages -----------------------------------------------------------------------------------------
 
 def layer_costs(m: ModelConfig, seq: int) -> Tuple[List[float], float, float]:

@@ -5,22 +5,28 @@ Balance loss (Switch / Pangu): alpha * sum_i f_i * p_i with
     p_i = 1 / T * sum_t S_{i,t}                                  (S: router probabilities; sigmoid scores are
                                                                   normalised to sum 1 per token)
 The three types differ only in which tokens the statistics pool over:
-- micro_batch: each of the ``virtual_ranks`` slices of the micro-batch on its own; the losses are averaged.
-- ep_group: all virtual ranks of the expert-parallel group together (Pangu Ultra MoE). On one device the group
-  is emulated by splitting the batch into ``virtual_ranks`` = expert_parallel slices; on a cluster it is an
-  all-reduce over the real EP group. With one virtual rank it equals micro_batch.
+- micro_batch: each rank's tokens on their own; the losses are averaged over the ranks.
+- ep_group: the tokens of all ranks of an expert-parallel group together (Pangu Ultra MoE); the losses are
+  averaged over the groups. With one rank per group it equals micro_batch.
 - global_batch: f_i over the whole global batch (all gradient-accumulation micro-batches), passed in as
   ``pooled_counts``; p_i per micro-batch, so the accumulated (averaged) loss is exactly the pooled one, whatever
   the split into micro-batches.
+The token axis holds ``ranks`` contiguous slices, one per rank, and an EP group ``ranks_per_group`` consecutive
+ones. On one process the ranks are emulated: the micro-batch is split into expert_parallel virtual ranks, one
+group. In a semi-auto parallel graph (global view) they are the DP ranks and the groups the plan's EP groups
+(``parallel.plan.balance_groups``): pooling a group's statistics is then a reduction over the EP group's ranks.
 MoGE with ``balance_loss.moge_probs: group`` renormalises p_i within each of the M expert groups and averages the
 M per-group losses (each sum_{i in g} f_i * p_i^g; 1 at perfect balance, like the global loss).
 """
 from __future__ import annotations
 
+from typing import Tuple
+
 import mindspore as ms
 from mindspore import nn, ops
 
 from ..config.schema import TrainConfig
+from ..parallel.plan import Layout, balance_groups
 
 
 _SPARSE_CE = ops.SparseSoftmaxCrossEntropyWithLogits()
@@ -53,9 +59,15 @@ def routed_counts(indices, num_experts: int):
     return ops.one_hot(indices, num_experts, ms.Tensor(1.0, ms.float32), ms.Tensor(0.0, ms.float32)).sum(1)
 
 
-def balance_loss(scores, indices, num_experts: int, top_k: int, kind: str, virtual_ranks: int, sigmoid: bool,
-                 pooled_counts=None, pooled_tokens=None, prob_groups: int = 1):
+def balance_loss(scores, indices, num_experts: int, top_k: int, kind: str, ranks: int, sigmoid: bool,
+                 pooled_counts=None, pooled_tokens=None, prob_groups: int = 1, ranks_per_group: int = None,
+                 group_sum=None):
     """sum_i f_i * p_i for one MoE layer (unweighted; multiply by alpha outside). See the module docstring.
+
+    scores [T, E] float32 router scores, indices [T, K] int chosen experts; T a multiple of ``ranks``.
+    ``ranks_per_group`` (ep_group): consecutive ranks pooled together, all ``ranks`` when None; ``group_sum``: the
+    ReduceSum primitive that pools [groups, ranks_per_group, E] over its middle axis (a sharded one in parallel
+    graphs, see :class:`RouteLosses`).
     ``prob_groups`` > 1: p_i renormalised within that many contiguous expert groups, the loss averaged over them."""
     t = scores.shape[0]
     probs = router_probabilities(scores, sigmoid)
@@ -66,21 +78,38 @@ def balance_loss(scores, indices, num_experts: int, top_k: int, kind: str, virtu
     if kind == "global_batch":
         f = pooled_counts * (num_experts / (top_k * pooled_tokens))
         return (f * probs.mean(0)).sum()
-    g = virtual_ranks
+    g = ranks
     per_rank_counts = counts.reshape(g, t // g, num_experts).sum(1)  # [g, E]
     per_rank_p = probs.reshape(g, t // g, num_experts).mean(1)       # [g, E]
     if kind == "micro_batch":
         f = per_rank_counts * (num_experts / (top_k * (t // g)))
         return (f * per_rank_p).sum(-1).mean()
-    # ep_group: pool the statistics over the g ranks of the group
-    f = per_rank_counts.sum(0) * (num_experts / (top_k * t))
-    return (f * per_rank_p.mean(0)).sum()
+    # ep_group: pool the statistics over the m ranks of each of the g // m groups
+    m = g if ranks_per_group is None else ranks_per_group
+    group_sum = ops.ReduceSum() if group_sum is None else group_sum
+    f = group_sum(per_rank_counts.reshape(g // m, m, num_experts), 1) * (num_experts / (top_k * (t // g) * m))
+    p = group_sum(per_rank_p.reshape(g // m, m, num_experts), 1) / m
+    return (f * p).sum(-1).mean()
 
 
 def z_loss(logits):
     """Router z-loss: mean_t logsumexp(logits_t)^2."""
     lse = ops.logsumexp(logits.astype(ms.float32), -1)
     return (lse * lse).mean()
+
+
+def _parallel_graph() -> bool:
+    return ms.get_auto_parallel_context("parallel_mode") in ("semi_auto_parallel", "auto_parallel")
+
+
+def balance_ranks(cfg: TrainConfig) -> Tuple[int, int]:
+    """(ranks, ranks_per_group) of :func:`balance_loss` for a graph built now: in a semi-auto parallel context the
+    DP ranks of the global batch and the plan's EP groups over them; on one process (or one of a data-parallel
+    job, whose expert_parallel is 1) expert_parallel virtual ranks in one group."""
+    if _parallel_graph():
+        return balance_groups(Layout.from_config(cfg))
+    ep = cfg.parallel_config.expert_parallel
+    return ep, ep
 
 
 class RouteLosses(nn.Cell):
@@ -95,7 +124,18 @@ class RouteLosses(nn.Cell):
         self.kind, self.z_on = b.type, b.z_loss_coeff > 0
         self.num_experts, self.top_k = m.moe.num_experts, m.moe.num_experts_per_tok
         self.sigmoid = m.moe.score_function == "sigmoid"
-        self.virtual_ranks = cfg.parallel_config.expert_parallel
+        self.ranks, self.ranks_per_group = balance_ranks(cfg)
+        self.group_sum = ops.ReduceSum()
+        if _parallel_graph():
+            if self.kind == "global_batch":
+                # a semi-auto parallel step (TotalLoss) runs no routing pass over its micro-batches first, so f_i
+                # pools the micro-batch over every DP rank, one group of all ranks (Megatron's global_aux_loss
+                # all-reduces the counts over DP too, and also sums them over the step's micro-batches)
+                self.kind, self.ranks_per_group = "ep_group", self.ranks
+            # the statistics [groups, ranks_per_group, E] split over the DP ranks as the token axis is: the pooling
+            # sum is an all-reduce over each group's ranks (the tensor-parallel copies on MindSpore's fastest
+            # axis, as the TP ranks are numbered), i.e. over the plan's EP group
+            self.group_sum.shard(((self.ranks // self.ranks_per_group, self.ranks_per_group, 1),))
         self.prob_groups = m.moe.num_groups if b.moge_probs == "group" else 1
 
     def construct(self, route, pooled_counts, pooled_tokens):
@@ -103,8 +143,9 @@ class RouteLosses(nn.Cell):
         bal = ops.zeros((), ms.float32)
         zl = ops.zeros((), ms.float32)
         if self.kind != "none":
-            bal = balance_loss(scores, indices, self.num_experts, self.top_k, self.kind, self.virtual_ranks,
-                               self.sigmoid, pooled_counts, pooled_tokens, self.prob_groups)
+            bal = balance_loss(scores, indices, self.num_experts, self.top_k, self.kind, self.ranks,
+                               self.sigmoid, pooled_counts, pooled_tokens, self.prob_groups, self.ranks_per_group,
+                               self.group_sum)
         if self.z_on:
             zl = z_loss(logits)
         return bal, zl

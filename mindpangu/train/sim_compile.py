@@ -13,8 +13,10 @@ CANN toolkit).
 """
 from __future__ import annotations
 
+import glob
 import json
 import os
+import re
 import subprocess
 import sys
 from dataclasses import dataclass, field
@@ -57,6 +59,7 @@ class CompileReport:
     seconds: float
     operators: List[str] = field(default_factory=list)    # the strategy file's operators (e.g. Morph_<first param>)
     ascend_c_ops: List[str] = field(default_factory=list)  # Ascend C custom ops whose launcher was compiled
+    all_reduces: Dict[str, List[List[int]]] = field(default_factory=dict)  # see :func:`all_reduce_groups`
     mismatches: List[str] = field(default_factory=list)
 
     @property
@@ -70,6 +73,27 @@ def compare(slices: Dict[str, List[int]], predicted: Dict[str, List[int]]) -> Li
     out += [f"{n}: compiled on this rank, predicted on another stage" for n in sorted(set(slices) - set(predicted))]
     out += [f"{n}: predicted on this rank, not compiled here" for n in sorted(set(predicted) - set(slices))]
     return out
+
+
+_IR_NODE = re.compile(r"^\s*(%\d+)\(\S+\) = [\w.]+\(.*\{instance name: ([^}]+)\}")
+_IR_ALL_REDUCE = re.compile(r"^\s*%\d+\(\S+\) = AllReduce\((%\d+)\).*group_ranks: \"([\d-]+)\"")
+
+
+def all_reduce_groups(ir_file: str) -> Dict[str, List[List[int]]]:
+    """The AllReduces MindSpore inserted after named primitives, from its ``step_parallel_end`` IR dump: primitive
+    instance name (e.g. ``group_sum``) -> the distinct rank lists reduced over on this rank (the world group and
+    reductions after redistribution ops are left out)."""
+    names: Dict[str, str] = {}
+    out: Dict[str, set] = {}
+    with open(ir_file) as f:
+        for line in f:
+            node = _IR_NODE.match(line)
+            if node:
+                names[node.group(1)] = node.group(2)
+            reduce = _IR_ALL_REDUCE.match(line)
+            if reduce and reduce.group(1) in names:
+                out.setdefault(names[reduce.group(1)], set()).add(tuple(int(r) for r in reduce.group(2).split("-")))
+    return {name: sorted(map(list, groups)) for name, groups in out.items()}
 
 
 def mindformers_recipe(path: str, overrides: Optional[List[str]] = None) -> Tuple[dict, "TrainConfig"]:
@@ -130,7 +154,10 @@ def compile_rank(config: str, rank: int, out_dir: str, overrides: Optional[List[
     env = dict(os.environ, LD_LIBRARY_PATH=os.path.join(stubs, "latest", "lib64"),
                ASCEND_OPP_PATH=os.path.join(stubs, "latest", "opp"),
                PYTHONPATH=os.pathsep.join([os.path.join(stubs, "py")] + [p for p in sys.path if p]),
-               MS_SIMULATION_LEVEL="0", RANK_SIZE=str(layout.world), RANK_ID=str(rank), GLOG_v="3")
+               MS_SIMULATION_LEVEL="0", RANK_SIZE=str(layout.world), RANK_ID=str(rank), GLOG_v="3",
+               # the graph after MindSpore's parallel pass (about 6 MB at tiny size), for the collectives it inserted
+               MS_DEV_SAVE_GRAPHS="1", MS_DEV_DUMP_IR_PASSES="step_parallel_end",
+               MS_DEV_SAVE_GRAPHS_PATH=os.path.join(os.path.abspath(out_dir), "ir"))
     args = [sys.executable, "-m", "mindpangu.train.sim_compile"] + child
     run = subprocess.run(args, env=env, cwd=out_dir, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                          text=True, timeout=timeout)
@@ -147,6 +174,8 @@ def compile_rank(config: str, rank: int, out_dir: str, overrides: Optional[List[
     with open(result) as f:
         data = json.load(f)
     report = CompileReport(config=config, rank=rank, layout=layout.short(), **data)
+    dumps = glob.glob(os.path.join(out_dir, "ir", f"rank_{rank}", "step_parallel_end_*.ir"))
+    report.all_reduces = all_reduce_groups(dumps[0]) if dumps else {}
     report.mismatches = compare(report.slices, report.predicted)
     return report
 

@@ -119,8 +119,10 @@ class LossNet(nn.Cell):
 class TotalLoss(nn.Cell):
     """tokens [B, S+1] -> the scalar training loss, for train steps built outside ``StepRunner`` (MindSpore's
     TrainOneStepCell under mindformers, the simulated parallel compile). The global_batch balance loss needs the
-    global batch's pooled counts, which only ``StepRunner`` gathers: here they are zero, so that term is 0. The
-    cross-entropy is the unfused one, which semi-auto parallel can shard over the vocabulary."""
+    counts of every accumulation micro-batch, which only ``StepRunner``'s routing pass gathers: in a semi-auto
+    parallel graph it pools each micro-batch over all DP ranks instead (``RouteLosses``), elsewhere the counts
+    passed are zero, so that term is 0. The cross-entropy is the unfused one, which semi-auto parallel can shard
+    over the vocabulary."""
 
     def __init__(self, model, cfg: TrainConfig):
         super().__init__(auto_prefix=False)
