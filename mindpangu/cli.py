@@ -459,7 +459,8 @@ def sim_compile_main(argv=None):
     p = argparse.ArgumentParser(prog="mindpangu-sim-compile", description=sim_compile_main.__doc__)
     _config_args(p)
     p.add_argument("--rank", type=int, nargs="+", default=[0], help="simulated rank(s) to compile as")
-    p.add_argument("--out", default="sim_compile", help="directory for logs, strategy files and reports")
+    p.add_argument("--out", default="sim_compile",
+                   help="directory for logs, strategy files, reports and MindSpore's parallel IR (ir/)")
     p.add_argument("--show", action="store_true", help="list every parameter's compiled slice")
     p.add_argument("--mindformers", action="store_true",
                    help="--config is a mindformers recipe (yaml_configs/mindformers/), compiled through mindformers' "
@@ -477,6 +478,8 @@ def sim_compile_main(argv=None):
               f"{r.strategy_file}; slices vs prediction: {verdict}")
         for line in r.mismatches:
             print(f"  {line}")
+        if "group_sum" in r.all_reduces:
+            print(f"  balance-loss statistics all-reduced over ranks {r.all_reduces['group_sum']}")
         if args.show:
             for name in sorted(r.slices):
                 print(f"  {name:<60} {r.slices[name]}")
