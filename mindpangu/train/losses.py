@@ -20,8 +20,6 @@ M per-group losses (each sum_{i in g} f_i * p_i^g; 1 at perfect balance, like th
 """
 from __future__ import annotations
 
-from typing import Tuple
-
 import mindspore as ms
 from mindspore import nn, ops
 
@@ -98,20 +96,6 @@ def z_loss(logits):
     return (lse * lse).mean()
 
 
-def _parallel_graph() -> bool:
-    return ms.get_auto_parallel_context("parallel_mode") in ("semi_auto_parallel", "auto_parallel")
-
-
-def balance_ranks(cfg: TrainConfig) -> Tuple[int, int]:
-    """(ranks, ranks_per_group) of :func:`balance_loss` for a graph built now: in a semi-auto parallel context the
-    DP ranks of the global batch and the plan's EP groups over them; on one process (or one of a data-parallel
-    job, whose expert_parallel is 1) expert_parallel virtual ranks in one group."""
-    if _parallel_graph():
-        return balance_groups(Layout.from_config(cfg))
-    ep = cfg.parallel_config.expert_parallel
-    return ep, ep
-
-
 class RouteLosses(nn.Cell):
     """One MoE layer's unweighted balance and z-loss terms from its router outputs, as configured:
     (route (weights, indices, scores, logits, counts), pooled_counts [E], pooled_tokens) -> (balance, z), each 0
@@ -124,9 +108,14 @@ class RouteLosses(nn.Cell):
         self.kind, self.z_on = b.type, b.z_loss_coeff > 0
         self.num_experts, self.top_k = m.moe.num_experts, m.moe.num_experts_per_tok
         self.sigmoid = m.moe.score_function == "sigmoid"
-        self.ranks, self.ranks_per_group = balance_ranks(cfg)
         self.group_sum = ops.ReduceSum()
-        if _parallel_graph():
+        # the ranks the token axis holds and the EP groups over them: on one process (or one of a data-parallel job,
+        # whose expert_parallel is 1) expert_parallel virtual ranks in one group; in a semi-auto parallel graph the
+        # DP ranks of the global batch and the plan's EP groups over them
+        ep = cfg.parallel_config.expert_parallel
+        self.ranks, self.ranks_per_group = ep, ep
+        if ms.get_auto_parallel_context("parallel_mode") in ("semi_auto_parallel", "auto_parallel"):
+            self.ranks, self.ranks_per_group = balance_groups(Layout.from_config(cfg))
             if self.kind == "global_batch":
                 # a semi-auto parallel step (TotalLoss) runs no routing pass over its micro-batches first, so f_i
                 # pools the micro-batch over every DP rank, one group of all ranks (Megatron's global_aux_loss

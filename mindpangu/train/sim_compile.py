@@ -174,8 +174,6 @@ def compile_rank(config: str, rank: int, out_dir: str, overrides: Optional[List[
     with open(result) as f:
         data = json.load(f)
     report = CompileReport(config=config, rank=rank, layout=layout.short(), **data)
-    dumps = glob.glob(os.path.join(out_dir, "ir", f"rank_{rank}", "step_parallel_end_*.ir"))
-    report.all_reduces = all_reduce_groups(dumps[0]) if dumps else {}
     report.mismatches = compare(report.slices, report.predicted)
     return report
 
@@ -245,10 +243,11 @@ def _compiled(rank: int, out_dir: str, train_network, names, predicted, seconds:
     meta = os.path.join(out_dir, "custom_kernel_meta", f"rank_{rank}")
     launchers = sorted(d for d in (os.listdir(meta) if os.path.isdir(meta) else [])
                        if os.path.isdir(os.path.join(meta, d)))
+    dumps = glob.glob(os.path.join(out_dir, "ir", f"rank_{rank}", "step_parallel_end_*.ir"))
     out = {"stage": stage, "slices": slices, "predicted": predicted, "strategy_file": strategy_file,
            "strategies": len(strategy_map.parallel_strategy_item), "seconds": round(seconds, 1),
            "operators": sorted(item.node_name for item in strategy_map.parallel_strategy_item),
-           "ascend_c_ops": launchers}
+           "ascend_c_ops": launchers, "all_reduces": all_reduce_groups(dumps[0]) if dumps else {}}
     with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
         json.dump(out, f, indent=1)
 
